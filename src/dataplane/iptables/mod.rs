@@ -1,0 +1,563 @@
+//! iptables mode: upstream kube-proxy's chain layout, rendered as one `iptables-restore` input.
+//!
+//! [`Renderer`] turns a [`Snapshot`] into the restore text for one IP family. It caches each
+//! service port's [`PortFragment`], so a partial render re-renders only the services that
+//! changed, rewrites the shared chains from cached text, and deletes the chains the changed
+//! services no longer need.
+
+mod fragment;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+pub use fragment::{LocalDetector, PortFragment, render_port};
+
+use crate::dataplane::naming;
+use crate::model::{IpFamily, NodeInfo, ServiceName, ServicePortName, Snapshot};
+
+/// filter + nat: services entry chain.
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+/// filter: externally-visible services (no-endpoint REJECT / no-local DROP for external IPs).
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+/// filter + nat: node ports.
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+/// nat: SNAT of marked traffic.
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+/// nat: marks traffic for SNAT.
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+/// filter: accepts forwarded service traffic.
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+/// filter: drops load-balancer traffic not allowed by loadBalancerSourceRanges.
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+/// filter: blocks martian localnet traffic when localhost node ports are enabled.
+pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+
+/// Upstream's large-cluster threshold: above this many endpoints, per-endpoint comments are
+/// dropped to shrink the restore input.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// Which node addresses accept NodePort traffic (`--nodeport-addresses`, resolved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every local address (`--nodeport-addresses` unset).
+    #[default]
+    All,
+    /// Only these node addresses.
+    Ips(Vec<IpAddr>),
+}
+
+/// Settings that shape the rendered rules; all are node-wide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderConfig {
+    /// The family this rule set is for (iptables or ip6tables).
+    pub family: IpFamily,
+    /// `--masquerade-all`: SNAT all ClusterIP traffic.
+    pub masquerade_all: bool,
+    /// Masquerade mark bit (`--iptables-masquerade-bit`, default 14 = 0x4000).
+    pub masquerade_bit: u8,
+    /// `--detect-local-mode` and its CIDRs / interface.
+    pub local_detector: LocalDetector,
+    /// `--nodeport-addresses`.
+    pub node_port_addresses: NodePortAddresses,
+    /// Add `--random-fully` to MASQUERADE (when the kernel supports it).
+    pub random_fully: bool,
+    /// `--iptables-localhost-nodeports` (IPv4 only; needs route_localnet).
+    pub localhost_node_ports: bool,
+    /// Conntrack is in TCP "be liberal" mode: no INVALID drop needed in KUBE-FORWARD.
+    pub conntrack_tcp_liberal: bool,
+    /// Endpoint count above which per-endpoint comments are omitted.
+    pub large_cluster_endpoints: usize,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        Self {
+            family: IpFamily::V4,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            local_detector: LocalDetector::None,
+            node_port_addresses: NodePortAddresses::All,
+            random_fully: true,
+            localhost_node_ports: true,
+            conntrack_tcp_liberal: false,
+            large_cluster_endpoints: LARGE_CLUSTER_ENDPOINTS,
+        }
+    }
+}
+
+impl RenderConfig {
+    /// The masquerade mark as iptables prints it (`0x4000`).
+    pub fn masquerade_mark(&self) -> String {
+        format!("{:#x}", 1u32 << self.masquerade_bit)
+    }
+
+    /// Localhost node ports are served (IPv4 only, as upstream).
+    fn serves_localhost_node_ports(&self) -> bool {
+        self.family == IpFamily::V4
+            && self.localhost_node_ports
+            && match &self.node_port_addresses {
+                NodePortAddresses::All => true,
+                NodePortAddresses::Ips(ips) => ips.iter().any(|ip| ip.is_loopback()),
+            }
+    }
+}
+
+/// One jump from a built-in chain into a kube chain, installed once (not rewritten per sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JumpRule {
+    /// `filter` or `nat`.
+    pub table: &'static str,
+    /// Built-in chain the jump is inserted into.
+    pub from: &'static str,
+    /// The kube chain jumped to.
+    pub to: &'static str,
+    /// Upstream's comment, or empty.
+    pub comment: &'static str,
+    /// Extra match arguments.
+    pub extra: &'static str,
+}
+
+impl JumpRule {
+    /// The rule arguments after `-A <from>` / `-I <from>`.
+    pub fn args(&self) -> String {
+        let mut s = String::new();
+        if !self.extra.is_empty() {
+            s.push_str(self.extra);
+            s.push(' ');
+        }
+        if !self.comment.is_empty() {
+            s.push_str(&format!("-m comment --comment \"{}\" ", self.comment));
+        }
+        s.push_str("-j ");
+        s.push_str(self.to);
+        s
+    }
+}
+
+const NEW: &str = "-m conntrack --ctstate NEW";
+
+/// Upstream's jump rules, in upstream's order (each is prepended, so the last listed for a
+/// chain ends up first).
+pub const JUMP_RULES: &[JumpRule] = &[
+    JumpRule {
+        table: "filter",
+        from: "INPUT",
+        to: KUBE_EXTERNAL_SERVICES,
+        comment: "kubernetes externally-visible service portals",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "FORWARD",
+        to: KUBE_EXTERNAL_SERVICES,
+        comment: "kubernetes externally-visible service portals",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "INPUT",
+        to: KUBE_NODEPORTS,
+        comment: "kubernetes health check service ports",
+        extra: "",
+    },
+    JumpRule {
+        table: "filter",
+        from: "FORWARD",
+        to: KUBE_SERVICES,
+        comment: "kubernetes service portals",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "OUTPUT",
+        to: KUBE_SERVICES,
+        comment: "kubernetes service portals",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "FORWARD",
+        to: KUBE_FORWARD,
+        comment: "kubernetes forwarding rules",
+        extra: "",
+    },
+    JumpRule {
+        table: "filter",
+        from: "INPUT",
+        to: KUBE_PROXY_FIREWALL,
+        comment: "kubernetes load balancer firewall",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "OUTPUT",
+        to: KUBE_PROXY_FIREWALL,
+        comment: "kubernetes load balancer firewall",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "filter",
+        from: "FORWARD",
+        to: KUBE_PROXY_FIREWALL,
+        comment: "kubernetes load balancer firewall",
+        extra: NEW,
+    },
+    JumpRule {
+        table: "nat",
+        from: "OUTPUT",
+        to: KUBE_SERVICES,
+        comment: "kubernetes service portals",
+        extra: "",
+    },
+    JumpRule {
+        table: "nat",
+        from: "PREROUTING",
+        to: KUBE_SERVICES,
+        comment: "kubernetes service portals",
+        extra: "",
+    },
+    JumpRule {
+        table: "nat",
+        from: "POSTROUTING",
+        to: KUBE_POSTROUTING,
+        comment: "kubernetes postrouting rules",
+        extra: "",
+    },
+];
+
+/// Jumps into KUBE-FIREWALL, installed only when localhost node ports are served.
+pub const LOCALNET_JUMP_RULES: &[JumpRule] = &[
+    JumpRule {
+        table: "filter",
+        from: "INPUT",
+        to: KUBE_FIREWALL,
+        comment: "",
+        extra: "",
+    },
+    JumpRule {
+        table: "filter",
+        from: "OUTPUT",
+        to: KUBE_FIREWALL,
+        comment: "",
+        extra: "",
+    },
+];
+
+/// What to render.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Everything; chains in `existing` that are no longer needed are deleted.
+    Full {
+        /// Per-service chains currently in the kernel (from `iptables-save`).
+        existing: &'a BTreeSet<String>,
+    },
+    /// Only the chains of these services, plus all shared chains.
+    Partial {
+        /// Services whose ports or endpoints changed since the last render.
+        changed: &'a BTreeSet<ServiceName>,
+    },
+}
+
+/// A rendered `iptables-restore` input and what it does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// The restore input (`*filter … COMMIT *nat … COMMIT`), for `--noflush`.
+    pub text: String,
+    /// Whether this is a full render (a partial request may be upgraded to full).
+    pub full: bool,
+    /// Per-service chains written (declared and filled).
+    pub chains_written: usize,
+    /// Per-service chains deleted.
+    pub chains_deleted: Vec<String>,
+    /// ITP Local service ports without local endpoints.
+    pub no_local_internal: usize,
+    /// ETP Local service ports without local endpoints.
+    pub no_local_external: usize,
+}
+
+/// Renders snapshots for one family, caching per-port fragments between renders.
+#[derive(Debug)]
+pub struct Renderer {
+    cfg: RenderConfig,
+    fragments: HashMap<ServicePortName, PortFragment>,
+    /// Node and comment mode the cached fragments were rendered with.
+    cached_for: Option<(NodeInfo, bool)>,
+    /// Whether jump rules must be (re)inserted in the next render.
+    insert_jumps: bool,
+}
+
+impl Renderer {
+    /// A renderer with an empty cache; the first render is always full.
+    pub fn new(cfg: RenderConfig) -> Self {
+        Self {
+            cfg,
+            fragments: HashMap::new(),
+            cached_for: None,
+            insert_jumps: true,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RenderConfig {
+        &self.cfg
+    }
+
+    /// Controls whether the next renders insert the jump rules from the built-in chains
+    /// (true for a fresh node; the backend clears it once they are in the kernel).
+    pub fn set_insert_jumps(&mut self, insert: bool) {
+        self.insert_jumps = insert;
+    }
+
+    /// Per-service chains the current rule set uses.
+    pub fn desired_chains(&self) -> impl Iterator<Item = &str> {
+        self.fragments
+            .values()
+            .flat_map(|f| f.chains.iter().map(String::as_str))
+    }
+
+    /// Forgets every cached fragment, so the next render is full.
+    pub fn invalidate(&mut self) {
+        self.fragments.clear();
+        self.cached_for = None;
+    }
+
+    /// Renders `snap`. A partial scope is upgraded to full when nothing is cached yet or when
+    /// node facts or the comment mode changed (every fragment depends on them).
+    pub fn render(&mut self, snap: &Snapshot, scope: Scope<'_>) -> Rendered {
+        let comments = snap.endpoint_count() <= self.cfg.large_cluster_endpoints;
+        let cache_key = (snap.node.clone(), comments);
+        let cache_valid = self.cached_for.as_ref() == Some(&cache_key);
+        let empty = BTreeSet::new();
+        let scope = match scope {
+            Scope::Partial { .. } if !cache_valid => Scope::Full { existing: &empty },
+            s => s,
+        };
+
+        let mut out = Rendered::default();
+        let mut stale: BTreeSet<String> = BTreeSet::new();
+        let changed_ports: Vec<&ServicePortName> = match scope {
+            Scope::Full { existing } => {
+                out.full = true;
+                self.fragments.clear();
+                for (name, st) in &snap.ports {
+                    self.fragments.insert(
+                        name.clone(),
+                        render_port(&self.cfg, &snap.node, st, comments),
+                    );
+                }
+                let desired: BTreeSet<&str> = self.desired_chains().collect();
+                stale.extend(
+                    existing
+                        .iter()
+                        .filter(|c| !desired.contains(c.as_str()))
+                        .cloned(),
+                );
+                snap.ports.keys().collect()
+            }
+            Scope::Partial { changed } => {
+                let mut old_chains: BTreeSet<String> = BTreeSet::new();
+                self.fragments.retain(|k, f| {
+                    if changed.contains(&k.service) {
+                        old_chains.extend(f.chains.drain(..));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                let mut ports = Vec::new();
+                for service in changed {
+                    for (name, st) in snap.ports_of(service) {
+                        let f = render_port(&self.cfg, &snap.node, st, comments);
+                        for c in &f.chains {
+                            old_chains.remove(c);
+                        }
+                        self.fragments.insert(name.clone(), f);
+                        ports.push(name);
+                    }
+                }
+                stale = old_chains;
+                ports
+            }
+        };
+        self.cached_for = Some(cache_key);
+
+        let sections = self.assemble(snap, &changed_ports, &stale);
+        out.text = sections;
+        out.chains_written = changed_ports
+            .iter()
+            .filter_map(|p| self.fragments.get(*p))
+            .map(|f| f.chains.len())
+            .sum();
+        out.chains_deleted = stale
+            .into_iter()
+            .filter(|c| naming::is_service_chain(c))
+            .collect();
+        for f in self.fragments.values() {
+            out.no_local_internal += usize::from(f.no_local_internal);
+            out.no_local_external += usize::from(f.no_local_external);
+        }
+        out
+    }
+
+    fn assemble(
+        &self,
+        snap: &Snapshot,
+        written: &[&ServicePortName],
+        stale: &BTreeSet<String>,
+    ) -> String {
+        let cfg = &self.cfg;
+        let mark = cfg.masquerade_mark();
+        let localnet = cfg.serves_localhost_node_ports();
+        let ordered: Vec<&PortFragment> = snap
+            .ports
+            .keys()
+            .filter_map(|k| self.fragments.get(k))
+            .collect();
+        let size: usize = ordered
+            .iter()
+            .map(|f| {
+                f.nat_services.len()
+                    + f.nat_nodeports.len()
+                    + f.filter_services.len()
+                    + f.filter_external.len()
+            })
+            .sum::<usize>()
+            + written
+                .iter()
+                .filter_map(|k| self.fragments.get(*k))
+                .map(|f| f.chain_rules.len() + f.chains.len() * 24)
+                .sum::<usize>();
+        let mut s = String::with_capacity(size + 4096);
+
+        // filter table
+        s.push_str("*filter\n");
+        let mut filter_chains = vec![KUBE_NODEPORTS, KUBE_SERVICES, KUBE_EXTERNAL_SERVICES];
+        if localnet {
+            filter_chains.push(KUBE_FIREWALL);
+        }
+        filter_chains.extend([KUBE_FORWARD, KUBE_PROXY_FIREWALL]);
+        for c in &filter_chains {
+            declare(&mut s, c);
+        }
+        if self.insert_jumps {
+            self.write_jumps(&mut s, "filter", localnet);
+        }
+        for f in &ordered {
+            s.push_str(&f.filter_nodeports);
+        }
+        for f in &ordered {
+            s.push_str(&f.filter_services);
+        }
+        for f in &ordered {
+            s.push_str(&f.filter_external);
+        }
+        if localnet {
+            s.push_str("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
+        }
+        if !cfg.conntrack_tcp_liberal {
+            s.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+        }
+        s.push_str(&format!(
+            "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT\n"
+        ));
+        s.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+        for f in &ordered {
+            s.push_str(&f.filter_firewall);
+        }
+        s.push_str("COMMIT\n");
+
+        // nat table
+        s.push_str("*nat\n");
+        for c in [
+            KUBE_SERVICES,
+            KUBE_NODEPORTS,
+            KUBE_POSTROUTING,
+            KUBE_MARK_MASQ,
+        ] {
+            declare(&mut s, c);
+        }
+        for k in written {
+            if let Some(f) = self.fragments.get(*k) {
+                for c in &f.chains {
+                    declare(&mut s, c);
+                }
+            }
+        }
+        for c in stale {
+            declare(&mut s, c);
+        }
+        if self.insert_jumps {
+            self.write_jumps(&mut s, "nat", localnet);
+        }
+        for f in &ordered {
+            s.push_str(&f.nat_services);
+        }
+        self.write_nodeports_jump(&mut s, localnet);
+        for f in &ordered {
+            s.push_str(&f.nat_nodeports);
+        }
+        s.push_str(&format!(
+            "-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN\n"
+        ));
+        s.push_str(&format!("-A KUBE-POSTROUTING -j MARK --xor-mark {mark}\n"));
+        s.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE");
+        if cfg.random_fully {
+            s.push_str(" --random-fully");
+        }
+        s.push('\n');
+        s.push_str(&format!("-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"));
+        for k in written {
+            if let Some(f) = self.fragments.get(*k) {
+                s.push_str(&f.chain_rules);
+            }
+        }
+        for c in stale {
+            s.push_str("-X ");
+            s.push_str(c);
+            s.push('\n');
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    fn write_jumps(&self, s: &mut String, table: &str, localnet: bool) {
+        let localnet_rules = if localnet { LOCALNET_JUMP_RULES } else { &[] };
+        for j in JUMP_RULES
+            .iter()
+            .chain(localnet_rules)
+            .filter(|j| j.table == table)
+        {
+            s.push_str(&format!("-I {} 1 {}\n", j.from, j.args()));
+        }
+    }
+
+    fn write_nodeports_jump(&self, s: &mut String, localnet: bool) {
+        const COMMENT: &str = "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+        match &self.cfg.node_port_addresses {
+            NodePortAddresses::All => {
+                let exclude = match self.cfg.family {
+                    IpFamily::V6 => " ! -d ::1/128",
+                    IpFamily::V4 if !localnet => " ! -d 127.0.0.0/8",
+                    IpFamily::V4 => "",
+                };
+                s.push_str(&format!("-A KUBE-SERVICES {COMMENT} -m addrtype --dst-type LOCAL{exclude} -j KUBE-NODEPORTS\n"));
+            }
+            NodePortAddresses::Ips(ips) => {
+                for ip in ips.iter().filter(|ip| self.cfg.family.contains(ip)) {
+                    if ip.is_loopback() && !localnet {
+                        continue;
+                    }
+                    s.push_str(&format!(
+                        "-A KUBE-SERVICES {COMMENT} -d {ip} -j KUBE-NODEPORTS\n"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn declare(s: &mut String, chain: &str) {
+    s.push(':');
+    s.push_str(chain);
+    s.push_str(" - [0:0]\n");
+}

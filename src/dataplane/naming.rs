@@ -1,0 +1,101 @@
+//! Chain names shared with upstream kube-proxy.
+//!
+//! Upstream names per-service chains `PREFIX` + the first 16 characters of
+//! base32(sha256(servicePortName + protocol [+ endpoint])). Keeping the exact scheme lets
+//! svcproxy adopt (and clean) the chains of a node taken over from kube-proxy, and keeps
+//! `iptables -t nat -L` reading the way admins know.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{Endpoint, ServicePortName};
+
+/// Cluster-policy chain prefix.
+pub const SVC_PREFIX: &str = "KUBE-SVC-";
+/// Local-policy chain prefix.
+pub const SVL_PREFIX: &str = "KUBE-SVL-";
+/// External-destination chain prefix.
+pub const EXT_PREFIX: &str = "KUBE-EXT-";
+/// loadBalancerSourceRanges firewall chain prefix.
+pub const FW_PREFIX: &str = "KUBE-FW-";
+/// Per-endpoint chain prefix.
+pub const SEP_PREFIX: &str = "KUBE-SEP-";
+/// Chain prefixes of removed upstream versions, still cleaned up.
+pub const LEGACY_PREFIXES: &[&str] = &["KUBE-XLB-"];
+
+/// Whether a chain is a per-service or per-endpoint chain (ours or upstream's), i.e. one
+/// that may be deleted when no service needs it any more.
+pub fn is_service_chain(name: &str) -> bool {
+    [SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX]
+        .iter()
+        .chain(LEGACY_PREFIXES)
+        .any(|p| name.starts_with(p))
+}
+
+fn hash16(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut s = data_encoding::BASE32.encode(&digest);
+    s.truncate(16);
+    s
+}
+
+/// The 16-character hash of a service port, shared by its SVC/SVL/EXT/FW chains.
+pub fn port_hash(spn: &ServicePortName) -> String {
+    hash16(&[&spn.to_string(), spn.protocol.as_str()])
+}
+
+/// `KUBE-SEP-…` chain of one endpoint of a service port.
+pub fn endpoint_chain(spn_text: &str, protocol: &str, ep: &Endpoint) -> String {
+    let mut name = String::with_capacity(25);
+    name.push_str(SEP_PREFIX);
+    name.push_str(&hash16(&[spn_text, protocol, &ep.addr_string()]));
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServiceName};
+
+    fn spn(port: &str) -> ServicePortName {
+        ServicePortName {
+            service: ServiceName::new("ns1", "svc1"),
+            port: port.into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn names_match_upstream() {
+        assert_eq!(
+            format!("{SVC_PREFIX}{}", port_hash(&spn("p80"))),
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
+        let ep = Endpoint {
+            ip: "10.180.0.1".parse().unwrap(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
+        };
+        assert_eq!(
+            endpoint_chain("ns1/svc1:p80", "tcp", &ep),
+            "KUBE-SEP-SXIVWICOYRO3J4NJ"
+        );
+    }
+
+    #[test]
+    fn service_chain_prefixes() {
+        assert!(is_service_chain("KUBE-SVC-XPGD46QRK7WJZT7O"));
+        assert!(is_service_chain("KUBE-XLB-AAAA"));
+        assert!(!is_service_chain("KUBE-SERVICES"));
+        assert!(!is_service_chain("KUBE-MARK-MASQ"));
+    }
+}

@@ -1,0 +1,19 @@
+//! svcproxy: a Kubernetes service proxy, a drop-in replacement for kube-proxy.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! API server / manifest files ──▶ source ──▶ model::ChangeTracker ──▶ sync ──▶ dataplane ──▶ kernel
+//! ```
+//!
+//! - [`model`] is pure: service ports, endpoints, the change tracker and the per-node endpoint
+//!   selection where every Kubernetes traffic-policy rule is decided once.
+//! - [`dataplane`] renders a snapshot into rules for one backend (iptables today).
+//! - [`source`] reads Kubernetes objects (from files for now) into model changes.
+//! - [`render`] is the `svcproxy render` command: files in, `iptables-restore` input out.
+
+pub mod config;
+pub mod dataplane;
+pub mod model;
+pub mod render;
+pub mod source;

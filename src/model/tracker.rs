@@ -1,0 +1,256 @@
+//! The change tracker: the state the dataplane last synced, the updates received since, and
+//! the [`Snapshot`] + [`Changes`] a sync works from.
+//!
+//! Every object is tracked as `{applied, pending}`. An update that brings an object back to
+//! what was last applied cancels the pending entry, so a flapping object costs no sync and the
+//! pending counters (metrics, health) only count real changes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map};
+use std::sync::Arc;
+
+use super::convert::SliceInfo;
+use super::types::{
+    Endpoint, NodeInfo, ServiceName, ServicePort, ServicePortName, ServicePortState,
+};
+
+/// Every proxied service port with its endpoints, plus this node: the input of a sync.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Service ports in a stable order (by `ns/name:port`, then protocol).
+    pub ports: BTreeMap<ServicePortName, ServicePortState>,
+    /// This node.
+    pub node: NodeInfo,
+}
+
+impl Snapshot {
+    /// Total number of endpoints over all ports (upstream's large-cluster switch uses it).
+    pub fn endpoint_count(&self) -> usize {
+        self.ports.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    /// The ports of one service.
+    pub fn ports_of<'a>(
+        &'a self,
+        service: &'a ServiceName,
+    ) -> impl Iterator<Item = (&'a ServicePortName, &'a ServicePortState)> + 'a {
+        self.ports
+            .range(
+                ServicePortName {
+                    service: service.clone(),
+                    port: String::new(),
+                    protocol: super::types::Protocol::Tcp,
+                }..,
+            )
+            .take_while(move |(k, _)| &k.service == service)
+    }
+}
+
+/// What changed since the previous drain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose ports or endpoints changed (added, updated or deleted).
+    pub services: BTreeSet<ServiceName>,
+    /// Node facts that every service's rules depend on changed: the next sync must be full.
+    pub node_changed: bool,
+}
+
+impl Changes {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.node_changed
+    }
+}
+
+/// Tracks services, EndpointSlices and the node; see the module docs.
+#[derive(Debug, Default)]
+pub struct ChangeTracker {
+    services: HashMap<ServiceName, Vec<ServicePort>>,
+    pending_services: HashMap<ServiceName, Option<Vec<ServicePort>>>,
+    slices: HashMap<ServiceName, BTreeMap<String, SliceInfo>>,
+    pending_slices: HashMap<ServiceName, BTreeMap<String, Option<SliceInfo>>>,
+    node: NodeInfo,
+    pending_node: Option<NodeInfo>,
+    snapshot: Arc<Snapshot>,
+}
+
+impl ChangeTracker {
+    /// An empty tracker for `node`.
+    pub fn new(node: NodeInfo) -> Self {
+        Self {
+            snapshot: Arc::new(Snapshot {
+                ports: BTreeMap::new(),
+                node: node.clone(),
+            }),
+            node,
+            ..Self::default()
+        }
+    }
+
+    /// Records a Service's ports (`None` when it was deleted or is no longer proxied).
+    /// Returns whether the pending state changed.
+    pub fn update_service(&mut self, name: ServiceName, ports: Option<Vec<ServicePort>>) -> bool {
+        let ports = ports.filter(|p| !p.is_empty());
+        let applied = self.services.get(&name);
+        if applied == ports.as_ref() {
+            return self.pending_services.remove(&name).is_some();
+        }
+        match self.pending_services.get(&name) {
+            Some(p) if *p == ports => false,
+            _ => {
+                self.pending_services.insert(name, ports);
+                true
+            }
+        }
+    }
+
+    /// Records an EndpointSlice (`info`), or its deletion (`None`).
+    /// Returns whether the pending state changed.
+    pub fn update_slice(
+        &mut self,
+        service: ServiceName,
+        slice_name: String,
+        info: Option<SliceInfo>,
+    ) -> bool {
+        let applied = self.slices.get(&service).and_then(|s| s.get(&slice_name));
+        let pending = self.pending_slices.entry(service.clone()).or_default();
+        let changed = if applied == info.as_ref() {
+            pending.remove(&slice_name).is_some()
+        } else if pending.get(&slice_name) == Some(&info) {
+            false
+        } else {
+            pending.insert(slice_name, info);
+            true
+        };
+        if pending.is_empty() {
+            self.pending_slices.remove(&service);
+        }
+        changed
+    }
+
+    /// Records the node's current facts. Returns whether the pending state changed.
+    pub fn update_node(&mut self, node: NodeInfo) -> bool {
+        if node == self.node {
+            return self.pending_node.take().is_some();
+        }
+        if self.pending_node.as_ref() == Some(&node) {
+            return false;
+        }
+        self.pending_node = Some(node);
+        true
+    }
+
+    /// Number of services with a pending change (`kubeproxy_sync_proxy_rules_service_changes_pending`).
+    pub fn pending_service_changes(&self) -> usize {
+        self.pending_services.len()
+    }
+
+    /// Number of services with pending endpoint changes (`..._endpoint_changes_pending`).
+    pub fn pending_endpoint_changes(&self) -> usize {
+        self.pending_slices.len()
+    }
+
+    /// Whether anything is waiting to be synced.
+    pub fn has_pending(&self) -> bool {
+        !self.pending_services.is_empty()
+            || !self.pending_slices.is_empty()
+            || self.pending_node.is_some()
+    }
+
+    /// The node as of the last drain.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Applies every pending update and returns the new snapshot and what changed.
+    ///
+    /// The snapshot is shared copy-on-write: drop the previous one before draining again to
+    /// avoid a copy of the whole map.
+    pub fn drain(&mut self) -> (Arc<Snapshot>, Changes) {
+        let mut changes = Changes::default();
+        let snapshot = Arc::make_mut(&mut self.snapshot);
+        if let Some(node) = self.pending_node.take() {
+            changes.node_changed = true;
+            self.node = node.clone();
+            snapshot.node = node;
+        }
+        for (name, ports) in self.pending_services.drain() {
+            match ports {
+                Some(p) => self.services.insert(name.clone(), p),
+                None => self.services.remove(&name),
+            };
+            changes.services.insert(name);
+        }
+        for (service, slices) in self.pending_slices.drain() {
+            let applied = self.slices.entry(service.clone()).or_default();
+            for (slice_name, info) in slices {
+                match info {
+                    Some(i) => applied.insert(slice_name, i),
+                    None => applied.remove(&slice_name),
+                };
+            }
+            if applied.is_empty() {
+                self.slices.remove(&service);
+            }
+            changes.services.insert(service);
+        }
+        for service in &changes.services {
+            rebuild_service(
+                snapshot,
+                service,
+                self.services.get(service),
+                self.slices.get(service),
+            );
+        }
+        (Arc::clone(&self.snapshot), changes)
+    }
+}
+
+/// Replaces the snapshot entries of one service from its ports and slices.
+fn rebuild_service(
+    snapshot: &mut Snapshot,
+    service: &ServiceName,
+    ports: Option<&Vec<ServicePort>>,
+    slices: Option<&BTreeMap<String, SliceInfo>>,
+) {
+    let old: Vec<ServicePortName> = snapshot.ports_of(service).map(|(k, _)| k.clone()).collect();
+    for k in old {
+        snapshot.ports.remove(&k);
+    }
+    let Some(ports) = ports else { return };
+    let mut merged = merge_slices(slices);
+    for port in ports {
+        let endpoints = merged.remove(&port.name).unwrap_or_default();
+        let state = ServicePortState {
+            port: Arc::new(port.clone()),
+            endpoints: endpoints.into(),
+        };
+        snapshot.ports.insert(port.name.clone(), state);
+    }
+}
+
+/// Merges a service's slices into endpoints per service port: deduplicated by `ip:port`
+/// (a ready copy wins over a not-ready one) and sorted by `ip:port` text as upstream does.
+pub fn merge_slices(
+    slices: Option<&BTreeMap<String, SliceInfo>>,
+) -> HashMap<ServicePortName, Vec<Endpoint>> {
+    let mut by_port: HashMap<ServicePortName, BTreeMap<String, Endpoint>> = HashMap::new();
+    for slice in slices.into_iter().flat_map(|s| s.values()) {
+        for (spn, ep) in slice.port_endpoints() {
+            let set = by_port.entry(spn).or_default();
+            match set.entry(ep.addr_string()) {
+                btree_map::Entry::Vacant(v) => {
+                    v.insert(ep);
+                }
+                btree_map::Entry::Occupied(mut o) => {
+                    if ep.ready && !o.get().ready {
+                        o.insert(ep);
+                    }
+                }
+            }
+        }
+    }
+    by_port
+        .into_iter()
+        .map(|(k, set)| (k, set.into_values().collect()))
+        .collect()
+}
