@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, ServicePortName};
+use crate::model::ServicePortName;
 
 /// Cluster-policy chain prefix.
 pub const SVC_PREFIX: &str = "KUBE-SVC-";
@@ -37,9 +37,9 @@ fn hash16(parts: &[&str]) -> String {
         h.update(p.as_bytes());
     }
     let digest = h.finalize();
-    let mut s = data_encoding::BASE32.encode(&digest);
-    s.truncate(16);
-    s
+    // 16 base32 characters encode exactly the first 10 bytes (80 bits), so encoding only
+    // those gives the same prefix as upstream's truncated full encoding.
+    data_encoding::BASE32.encode(&digest[..10])
 }
 
 /// The 16-character hash of a service port, shared by its SVC/SVL/EXT/FW chains.
@@ -47,18 +47,19 @@ pub fn port_hash(spn: &ServicePortName) -> String {
     hash16(&[&spn.to_string(), spn.protocol.as_str()])
 }
 
-/// `KUBE-SEP-…` chain of one endpoint of a service port.
-pub fn endpoint_chain(spn_text: &str, protocol: &str, ep: &Endpoint) -> String {
+/// `KUBE-SEP-…` chain of one endpoint of a service port; `endpoint` is the endpoint's
+/// `ip:port` text ([`crate::model::Endpoint::addr_string`]).
+pub fn endpoint_chain(spn_text: &str, protocol: &str, endpoint: &str) -> String {
     let mut name = String::with_capacity(25);
     name.push_str(SEP_PREFIX);
-    name.push_str(&hash16(&[spn_text, protocol, &ep.addr_string()]));
+    name.push_str(&hash16(&[spn_text, protocol, endpoint]));
     name
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServiceName};
+    use crate::model::{Endpoint, Protocol, ServiceName};
 
     fn spn(port: &str) -> ServicePortName {
         ServicePortName {
@@ -86,7 +87,7 @@ mod tests {
             node_hints: vec![],
         };
         assert_eq!(
-            endpoint_chain("ns1/svc1:p80", "tcp", &ep),
+            endpoint_chain("ns1/svc1:p80", "tcp", &ep.addr_string()),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"
         );
     }

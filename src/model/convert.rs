@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -177,7 +178,18 @@ pub fn service_ports(svc: &Service) -> Result<Vec<ServicePort>, ConvertError> {
     if !service_is_proxied(svc) || spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Vec::new());
     }
-    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    // clusterIP is normally set; files may carry only clusterIPs.
+    let primary = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|ip| !ip.is_empty())
+        .or_else(|| {
+            spec.cluster_ips
+                .as_ref()
+                .and_then(|ips| ips.first())
+                .map(String::as_str)
+        })
+        .unwrap_or("");
     if primary.is_empty() || primary == "None" {
         return Ok(Vec::new());
     }
@@ -410,10 +422,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Conver
             ip,
             port: 0,
             ready,
-            serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+            // nil means true (the API's documented default, and upstream's reading).
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: ep.node_name.clone(),
-            zone: ep.zone.clone(),
+            node_name: ep.node_name.as_deref().map(Arc::from),
+            zone: ep.zone.as_deref().map(Arc::from),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect())
@@ -471,7 +484,7 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, ConvertError> {
                     value: c.clone(),
                 })
             })?;
-            pod_cidrs.push(net);
+            pod_cidrs.push(net.trunc());
         }
     }
     Ok(NodeInfo {

@@ -80,7 +80,7 @@ fn topology_mode<'a>(
         any_ready = true;
         if ep.node_hints.is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.iter().any(|n| *n == node.name) {
+        } else if ep.node_hints.contains(&node.name) {
             node_hit = true;
         }
         if ep.zone_hints.is_empty() {
@@ -107,7 +107,7 @@ fn topology_mode<'a>(
 fn topology_allows(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::SameNode => ep.node_hints.iter().any(|n| *n == node.name),
+        TopologyMode::SameNode => ep.node_hints.contains(&node.name),
         TopologyMode::SameZone => node
             .zone
             .as_ref()

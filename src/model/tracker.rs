@@ -5,7 +5,7 @@
 //! what was last applied cancels the pending entry, so a flapping object costs no sync and the
 //! pending counters (metrics, health) only count real changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::convert::SliceInfo;
@@ -34,13 +34,7 @@ impl Snapshot {
         service: &'a ServiceName,
     ) -> impl Iterator<Item = (&'a ServicePortName, &'a ServicePortState)> + 'a {
         self.ports
-            .range(
-                ServicePortName {
-                    service: service.clone(),
-                    port: String::new(),
-                    protocol: super::types::Protocol::Tcp,
-                }..,
-            )
+            .range(ServicePortName::first_of(service)..)
             .take_while(move |(k, _)| &k.service == service)
     }
 }
@@ -233,24 +227,19 @@ fn rebuild_service(
 pub fn merge_slices(
     slices: Option<&BTreeMap<String, SliceInfo>>,
 ) -> HashMap<ServicePortName, Vec<Endpoint>> {
-    let mut by_port: HashMap<ServicePortName, BTreeMap<String, Endpoint>> = HashMap::new();
+    let mut by_port: HashMap<ServicePortName, Vec<(String, Endpoint)>> = HashMap::new();
     for slice in slices.into_iter().flat_map(|s| s.values()) {
         for (spn, ep) in slice.port_endpoints() {
-            let set = by_port.entry(spn).or_default();
-            match set.entry(ep.addr_string()) {
-                btree_map::Entry::Vacant(v) => {
-                    v.insert(ep);
-                }
-                btree_map::Entry::Occupied(mut o) => {
-                    if ep.ready && !o.get().ready {
-                        o.insert(ep);
-                    }
-                }
-            }
+            by_port.entry(spn).or_default().push((ep.addr_string(), ep));
         }
     }
     by_port
         .into_iter()
-        .map(|(k, set)| (k, set.into_values().collect()))
+        .map(|(k, mut eps)| {
+            // Stable sort keeps slice order among duplicates; ready copies sort first.
+            eps.sort_by(|(a, ea), (b, eb)| a.cmp(b).then(eb.ready.cmp(&ea.ready)));
+            eps.dedup_by(|(a, _), (b, _)| a == b);
+            (k, eps.into_iter().map(|(_, e)| e).collect())
+        })
         .collect()
 }

@@ -107,6 +107,17 @@ pub struct ServicePortName {
     pub protocol: Protocol,
 }
 
+impl ServicePortName {
+    /// The smallest port name of `service`: where its ports start in port-ordered maps.
+    pub fn first_of(service: &ServiceName) -> Self {
+        ServicePortName {
+            service: service.clone(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.port.is_empty() {
@@ -224,14 +235,15 @@ pub struct Endpoint {
     pub port: u16,
     /// `conditions.ready` (nil means true).
     pub ready: bool,
-    /// `conditions.serving` (nil means the value of ready).
+    /// `conditions.serving` (nil means true).
     pub serving: bool,
     /// `conditions.terminating` (nil means false).
     pub terminating: bool,
-    /// `nodeName`, when set.
-    pub node_name: Option<String>,
+    /// `nodeName`, when set (shared: every endpoint of a node names it, and endpoints are
+    /// cloned once per service port they serve).
+    pub node_name: Option<Arc<str>>,
     /// `zone`, when set.
-    pub zone: Option<String>,
+    pub zone: Option<Arc<str>>,
     /// `hints.forZones[].name`.
     pub zone_hints: Vec<String>,
     /// `hints.forNodes[].name`.
@@ -241,7 +253,18 @@ pub struct Endpoint {
 impl Endpoint {
     /// `ip:port` (`[ip]:port` for IPv6): the text upstream sorts, hashes and comments with.
     pub fn addr_string(&self) -> String {
-        std::net::SocketAddr::new(self.ip, self.port).to_string()
+        let mut s = String::with_capacity(24);
+        match self.ip {
+            IpAddr::V4(_) => push_ip(&mut s, &self.ip),
+            IpAddr::V6(_) => {
+                s.push('[');
+                push_ip(&mut s, &self.ip);
+                s.push(']');
+            }
+        }
+        s.push(':');
+        push_u16(&mut s, self.port);
+        s
     }
 
     /// Whether the endpoint runs on `node`.
@@ -272,4 +295,80 @@ pub struct NodeInfo {
     pub pod_cidrs: Vec<IpNet>,
     /// The Node has a deletion timestamp (health reports unhealthy).
     pub deleting: bool,
+}
+
+/// Appends an address in its standard text form. IPv4 is written by hand: rule rendering
+/// formats hundreds of thousands of addresses and `Display` is several times slower.
+pub fn push_ip(buf: &mut String, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    buf.push('.');
+                }
+                push_u16(buf, u16::from(*octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(buf, "{v6}");
+        }
+    }
+}
+
+/// Appends a decimal number without going through `fmt`.
+pub fn push_u16(buf: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        buf.push(char::from(*d));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.244.1.5",
+            "255.255.255.255",
+            "192.168.0.10",
+            "fd00::1",
+            "::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut s = String::new();
+            push_ip(&mut s, &ip);
+            assert_eq!(s, ip.to_string());
+            for port in [1u16, 9, 10, 80, 8080, 65535] {
+                let ep = Endpoint {
+                    ip,
+                    port,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: None,
+                    zone: None,
+                    zone_hints: vec![],
+                    node_hints: vec![],
+                };
+                assert_eq!(
+                    ep.addr_string(),
+                    std::net::SocketAddr::new(ip, port).to_string()
+                );
+            }
+        }
+    }
 }

@@ -5,9 +5,8 @@
 //! FW, SEP). Fragments are cached by the renderer, so a partial sync re-renders only the
 //! services that changed and copies the rest.
 
-use std::fmt::Write as _;
-
 use crate::dataplane::naming::{self, EXT_PREFIX, FW_PREFIX, SVC_PREFIX, SVL_PREFIX};
+use crate::model::types::push_ip;
 use crate::model::{
     Endpoint, IpFamily, NodeInfo, PathPlan, ServicePortState, SessionAffinity, select,
 };
@@ -42,31 +41,77 @@ pub struct PortFragment {
     pub no_local_external: bool,
 }
 
-/// Appends one rule line: `-A chain` followed by the given pieces, space-separated.
-fn rule(buf: &mut String, chain: &str, parts: &[&str]) {
+/// Writes one rule line straight into a buffer: `-A chain` and then the pieces.
+struct Line<'a> {
+    buf: &'a mut String,
+}
+
+fn line<'a>(buf: &'a mut String, chain: &str) -> Line<'a> {
     buf.push_str("-A ");
     buf.push_str(chain);
-    for p in parts {
-        if !p.is_empty() {
-            buf.push(' ');
-            buf.push_str(p);
+    Line { buf }
+}
+
+impl Line<'_> {
+    /// Appends ` piece` (nothing when empty).
+    fn arg(self, piece: &str) -> Self {
+        if !piece.is_empty() {
+            self.buf.push(' ');
+            self.buf.push_str(piece);
         }
+        self
     }
-    buf.push('\n');
+
+    /// Appends `-m comment --comment TEXT`, quoted when it contains spaces, as upstream.
+    fn comment(self, parts: &[&str]) -> Self {
+        let spaced = parts.iter().any(|p| p.contains(' '));
+        self.buf.push_str(" -m comment --comment ");
+        if spaced {
+            self.buf.push('"');
+        }
+        for p in parts {
+            self.buf.push_str(p);
+        }
+        if spaced {
+            self.buf.push('"');
+        }
+        self
+    }
+
+    /// Ends the line with `-j target`.
+    fn jump(self, target: &str) {
+        self.buf.push_str(" -j ");
+        self.buf.push_str(target);
+        self.buf.push('\n');
+    }
+
+    /// Ends the line without a target.
+    fn end(self) {
+        self.buf.push('\n');
+    }
 }
 
-/// Quotes a comment that contains spaces, as upstream writes it.
-fn quoted(text: &str) -> String {
-    if text.contains(' ') {
-        format!("\"{text}\"")
-    } else {
-        text.to_string()
+/// `--probability` value when `n` endpoints remain, formatted like upstream (`%0.10f`).
+/// The common small values are formatted once per process.
+fn probability(n: usize) -> std::borrow::Cow<'static, str> {
+    static TABLE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..256)
+            .map(|n| format!("{:.10}", 1.0 / n as f64))
+            .collect()
+    });
+    match table.get(n) {
+        Some(s) => std::borrow::Cow::Borrowed(s.as_str()),
+        None => std::borrow::Cow::Owned(format!("{:.10}", 1.0 / n as f64)),
     }
 }
 
-/// `--probability` value for the i-th of n remaining endpoints, formatted like upstream.
-fn probability(n: usize) -> String {
-    format!("{:.10}", 1.0 / n as f64)
+/// One reachable endpoint with the text its rules need.
+struct EndpointText<'a> {
+    ep: &'a Endpoint,
+    ip: String,
+    addr: String,
+    chain: String,
 }
 
 /// Renders the fragment of one service port for `cfg.family`.
@@ -94,8 +139,8 @@ pub fn render_port(
     let svl_chain = format!("{SVL_PREFIX}{hash}");
     let ext_chain = format!("{EXT_PREFIX}{hash}");
     let fw_chain = format!("{FW_PREFIX}{hash}");
-    let cluster_ip = cluster_ip.to_string();
-    let port_num = port.port.to_string();
+    let m_proto = format!("-m {proto} -p {proto}");
+    let dport = format!("--dport {}", port.port);
     let external_ips: Vec<String> = port
         .external_ips_for(family)
         .map(|ip| ip.to_string())
@@ -121,11 +166,10 @@ pub fn render_port(
     let uses_fw_chain = sel.has_endpoints && !lb_ips.is_empty() && !source_ranges.is_empty();
     let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
 
-    let no_endpoints_comment = quoted(&format!("{spn} has no endpoints"));
-    let no_local_comment = quoted(&format!("{spn} has no local endpoints"));
+    // Filter verdict and comment for a path that has nowhere to go.
     let filter_for = |plan: PathPlan| match plan {
-        PathPlan::Reject => Some(("REJECT", &no_endpoints_comment)),
-        PathPlan::Drop => Some(("DROP", &no_local_comment)),
+        PathPlan::Reject => Some(("REJECT", " has no endpoints")),
+        PathPlan::Drop => Some(("DROP", " has no local endpoints")),
         PathPlan::Cluster | PathPlan::Local => None,
     };
     let internal_filter = filter_for(sel.internal);
@@ -133,345 +177,242 @@ pub fn render_port(
     f.no_local_internal = sel.internal == PathPlan::Drop;
     f.no_local_external = sel.external == PathPlan::Drop && externally_accessible;
 
-    let m_proto = ["-m", proto, "-p", proto];
-    let cluster_ip_comment = quoted(&format!("{spn} cluster IP"));
+    let cluster_dest = format!("{m_proto} -d {cluster_ip} {dport}");
 
     // ClusterIP.
     match internal_filter {
-        None => rule(
-            &mut f.nat_services,
-            KUBE_SERVICES,
-            &[
-                "-m comment --comment",
-                &cluster_ip_comment,
-                &m_proto.join(" "),
-                "-d",
-                &cluster_ip,
-                "--dport",
-                &port_num,
-                "-j",
-                internal_chain,
-            ],
-        ),
-        Some((target, comment)) => rule(
-            &mut f.filter_services,
-            KUBE_SERVICES,
-            &[
-                "-m comment --comment",
-                comment,
-                &m_proto.join(" "),
-                "-d",
-                &cluster_ip,
-                "--dport",
-                &port_num,
-                "-j",
-                target,
-            ],
-        ),
+        None => line(&mut f.nat_services, KUBE_SERVICES)
+            .comment(&[&spn, " cluster IP"])
+            .arg(&cluster_dest)
+            .jump(internal_chain),
+        Some((target, why)) => line(&mut f.filter_services, KUBE_SERVICES)
+            .comment(&[&spn, why])
+            .arg(&cluster_dest)
+            .jump(target),
     }
 
     // External IPs.
-    let external_ip_comment = quoted(&format!("{spn} external IP"));
     for ip in &external_ips {
         if sel.has_endpoints {
-            rule(
-                &mut f.nat_services,
-                KUBE_SERVICES,
-                &[
-                    "-m comment --comment",
-                    &external_ip_comment,
-                    &m_proto.join(" "),
-                    "-d",
-                    ip,
-                    "--dport",
-                    &port_num,
-                    "-j",
-                    &ext_chain,
-                ],
-            );
+            line(&mut f.nat_services, KUBE_SERVICES)
+                .comment(&[&spn, " external IP"])
+                .arg(&m_proto)
+                .arg("-d")
+                .arg(ip)
+                .arg(&dport)
+                .jump(&ext_chain);
         }
-        if let Some((target, comment)) = external_filter {
-            rule(
-                &mut f.filter_external,
-                KUBE_EXTERNAL_SERVICES,
-                &[
-                    "-m comment --comment",
-                    comment,
-                    &m_proto.join(" "),
-                    "-d",
-                    ip,
-                    "--dport",
-                    &port_num,
-                    "-j",
-                    target,
-                ],
-            );
+        if let Some((target, why)) = external_filter {
+            line(&mut f.filter_external, KUBE_EXTERNAL_SERVICES)
+                .comment(&[&spn, why])
+                .arg(&m_proto)
+                .arg("-d")
+                .arg(ip)
+                .arg(&dport)
+                .jump(target);
         }
     }
 
     // Load-balancer IPs.
-    let lb_comment = quoted(&format!("{spn} loadbalancer IP"));
-    let fw_drop_comment = quoted(&format!("{spn} traffic not accepted by {fw_chain}"));
     for ip in &lb_ips {
         if sel.has_endpoints {
-            rule(
-                &mut f.nat_services,
-                KUBE_SERVICES,
-                &[
-                    "-m comment --comment",
-                    &lb_comment,
-                    &m_proto.join(" "),
-                    "-d",
-                    ip,
-                    "--dport",
-                    &port_num,
-                    "-j",
-                    lb_chain,
-                ],
-            );
+            line(&mut f.nat_services, KUBE_SERVICES)
+                .comment(&[&spn, " loadbalancer IP"])
+                .arg(&m_proto)
+                .arg("-d")
+                .arg(ip)
+                .arg(&dport)
+                .jump(lb_chain);
         }
         if uses_fw_chain {
-            rule(
-                &mut f.filter_firewall,
-                KUBE_PROXY_FIREWALL,
-                &[
-                    "-m comment --comment",
-                    &fw_drop_comment,
-                    &m_proto.join(" "),
-                    "-d",
-                    ip,
-                    "--dport",
-                    &port_num,
-                    "-j DROP",
-                ],
-            );
+            line(&mut f.filter_firewall, KUBE_PROXY_FIREWALL)
+                .comment(&[&spn, " traffic not accepted by ", &fw_chain])
+                .arg(&m_proto)
+                .arg("-d")
+                .arg(ip)
+                .arg(&dport)
+                .jump("DROP");
         }
     }
-    if let Some((target, comment)) = external_filter {
+    if let Some((target, why)) = external_filter {
         for ip in &lb_ips {
-            rule(
-                &mut f.filter_external,
-                KUBE_EXTERNAL_SERVICES,
-                &[
-                    "-m comment --comment",
-                    comment,
-                    &m_proto.join(" "),
-                    "-d",
-                    ip,
-                    "--dport",
-                    &port_num,
-                    "-j",
-                    target,
-                ],
-            );
+            line(&mut f.filter_external, KUBE_EXTERNAL_SERVICES)
+                .comment(&[&spn, why])
+                .arg(&m_proto)
+                .arg("-d")
+                .arg(ip)
+                .arg(&dport)
+                .jump(target);
         }
     }
 
     // NodePort.
     if let Some(node_port) = port.node_port {
-        let np = node_port.to_string();
+        let np = format!("--dport {node_port}");
         if sel.has_endpoints {
-            rule(
-                &mut f.nat_nodeports,
-                KUBE_NODEPORTS,
-                &[
-                    "-m comment --comment",
-                    &spn,
-                    &m_proto.join(" "),
-                    "--dport",
-                    &np,
-                    "-j",
-                    &ext_chain,
-                ],
-            );
+            line(&mut f.nat_nodeports, KUBE_NODEPORTS)
+                .comment(&[&spn])
+                .arg(&m_proto)
+                .arg(&np)
+                .jump(&ext_chain);
         }
-        if let Some((target, comment)) = external_filter {
-            rule(
-                &mut f.filter_external,
-                KUBE_EXTERNAL_SERVICES,
-                &[
-                    "-m comment --comment",
-                    comment,
-                    "-m addrtype --dst-type LOCAL",
-                    &m_proto.join(" "),
-                    "--dport",
-                    &np,
-                    "-j",
-                    target,
-                ],
-            );
+        if let Some((target, why)) = external_filter {
+            line(&mut f.filter_external, KUBE_EXTERNAL_SERVICES)
+                .comment(&[&spn, why])
+                .arg("-m addrtype --dst-type LOCAL")
+                .arg(&m_proto)
+                .arg(&np)
+                .jump(target);
         }
     }
 
     // Health-check node port: accepted whether or not there are local endpoints.
     if let Some(hc) = port.health_check_node_port {
-        let comment = quoted(&format!("{spn} health check node port"));
-        rule(
-            &mut f.filter_nodeports,
-            KUBE_NODEPORTS,
-            &[
-                "-m comment --comment",
-                &comment,
-                "-m tcp -p tcp --dport",
-                &hc.to_string(),
-                "-j ACCEPT",
-            ],
-        );
+        line(&mut f.filter_nodeports, KUBE_NODEPORTS)
+            .comment(&[&spn, " health check node port"])
+            .arg("-m tcp -p tcp --dport")
+            .arg(&hc.to_string())
+            .jump("ACCEPT");
     }
 
     // Per-service chains. Declaration order: EXT, FW, SVC, SVL, then SEPs.
+    // Roughly 4 lines of ~100 bytes per endpoint chain plus the service chains.
+    f.chain_rules.reserve(512 + sel.reachable.len() * 400);
     let rules = &mut f.chain_rules;
-    if sel.internal != PathPlan::Reject && sel.internal != PathPlan::Drop {
-        let args = format!(
-            "-m comment --comment {cluster_ip_comment} {} -d {cluster_ip} --dport {port_num}",
-            m_proto.join(" ")
-        );
+    if internal_filter.is_none() {
         if cfg.masquerade_all {
-            rule(rules, internal_chain, &[&args, "-j", KUBE_MARK_MASQ]);
+            line(rules, internal_chain)
+                .comment(&[&spn, " cluster IP"])
+                .arg(&cluster_dest)
+                .jump(KUBE_MARK_MASQ);
         } else if let Some(not_local) = cfg.local_detector.if_not_local(family) {
-            rule(
-                rules,
-                internal_chain,
-                &[&args, &not_local, "-j", KUBE_MARK_MASQ],
-            );
+            line(rules, internal_chain)
+                .comment(&[&spn, " cluster IP"])
+                .arg(&cluster_dest)
+                .arg(&not_local)
+                .jump(KUBE_MARK_MASQ);
         }
     }
 
     if uses_ext_chain {
         f.chains.push(ext_chain.clone());
         if !port.external_policy_local {
-            let c = quoted(&format!(
-                "masquerade traffic for {spn} external destinations"
-            ));
-            rule(
-                rules,
-                &ext_chain,
-                &["-m comment --comment", &c, "-j", KUBE_MARK_MASQ],
-            );
+            line(rules, &ext_chain)
+                .comment(&["masquerade traffic for ", &spn, " external destinations"])
+                .jump(KUBE_MARK_MASQ);
         } else {
             if let Some(local) = cfg.local_detector.if_local(family) {
-                let c = quoted(&format!("pod traffic for {spn} external destinations"));
-                rule(
-                    rules,
-                    &ext_chain,
-                    &["-m comment --comment", &c, &local, "-j", &svc_chain],
-                );
+                line(rules, &ext_chain)
+                    .comment(&["pod traffic for ", &spn, " external destinations"])
+                    .arg(&local)
+                    .jump(&svc_chain);
             }
-            let c = quoted(&format!(
-                "masquerade LOCAL traffic for {spn} external destinations"
-            ));
-            rule(
-                rules,
-                &ext_chain,
-                &[
-                    "-m comment --comment",
-                    &c,
-                    "-m addrtype --src-type LOCAL -j",
-                    KUBE_MARK_MASQ,
-                ],
-            );
-            let c = quoted(&format!(
-                "route LOCAL traffic for {spn} external destinations"
-            ));
-            rule(
-                rules,
-                &ext_chain,
-                &[
-                    "-m comment --comment",
-                    &c,
-                    "-m addrtype --src-type LOCAL -j",
-                    &svc_chain,
-                ],
-            );
+            line(rules, &ext_chain)
+                .comment(&[
+                    "masquerade LOCAL traffic for ",
+                    &spn,
+                    " external destinations",
+                ])
+                .arg("-m addrtype --src-type LOCAL")
+                .jump(KUBE_MARK_MASQ);
+            line(rules, &ext_chain)
+                .comment(&["route LOCAL traffic for ", &spn, " external destinations"])
+                .arg("-m addrtype --src-type LOCAL")
+                .jump(&svc_chain);
         }
         if external_filter.is_none() {
-            rule(rules, &ext_chain, &["-j", external_policy_chain]);
+            line(rules, &ext_chain).jump(external_policy_chain);
         }
     }
 
     if uses_fw_chain {
         f.chains.push(fw_chain.clone());
+        // Traffic from the node to its own VIP arrives with the VIP as source.
         let allow_from_node = node
             .addresses
             .iter()
-            .filter(|ip| family.contains(ip))
-            .take(1)
-            .any(|ip| source_ranges.iter().any(|n| n.contains(ip)));
+            .find(|ip| family.contains(ip))
+            .is_some_and(|ip| source_ranges.iter().any(|n| n.contains(ip)));
         for net in &source_ranges {
-            rule(
-                rules,
-                &fw_chain,
-                &[
-                    "-m comment --comment",
-                    &lb_comment,
-                    "-s",
-                    &net.to_string(),
-                    "-j",
-                    &ext_chain,
-                ],
-            );
+            line(rules, &fw_chain)
+                .comment(&[&spn, " loadbalancer IP"])
+                .arg("-s")
+                .arg(&net.to_string())
+                .jump(&ext_chain);
         }
         if allow_from_node {
             for ip in &lb_ips {
-                rule(
-                    rules,
-                    &fw_chain,
-                    &[
-                        "-m comment --comment",
-                        &lb_comment,
-                        "-s",
-                        ip,
-                        "-j",
-                        &ext_chain,
-                    ],
-                );
+                line(rules, &fw_chain)
+                    .comment(&[&spn, " loadbalancer IP"])
+                    .arg("-s")
+                    .arg(ip)
+                    .jump(&ext_chain);
             }
         }
-        let c = quoted(&format!(
-            "other traffic to {spn} will be dropped by {KUBE_PROXY_FIREWALL}"
-        ));
-        rule(rules, &fw_chain, &["-m comment --comment", &c]);
+        line(rules, &fw_chain)
+            .comment(&[
+                "other traffic to ",
+                &spn,
+                " will be dropped by ",
+                KUBE_PROXY_FIREWALL,
+            ])
+            .end();
     }
 
-    let sep_chains: Vec<(&Endpoint, String)> = sel
+    let endpoints: Vec<EndpointText> = sel
         .reachable
         .iter()
-        .map(|ep| (*ep, naming::endpoint_chain(&spn, proto, ep)))
+        .map(|ep| {
+            let addr = ep.addr_string();
+            let mut ip = String::with_capacity(16);
+            push_ip(&mut ip, &ep.ip);
+            EndpointText {
+                ep,
+                ip,
+                chain: naming::endpoint_chain(&spn, proto, &addr),
+                addr,
+            }
+        })
         .collect();
-    let chain_of = |ep: &Endpoint| -> &str {
-        sep_chains
+    let text_of = |ep: &Endpoint| -> &EndpointText {
+        endpoints
             .iter()
-            .find(|(e, _)| std::ptr::eq(*e, ep))
-            .map(|(_, c)| c.as_str())
-            .unwrap_or_default()
-    };
-    let ep_comment = |ep: &Endpoint| {
-        if comments_on_endpoints {
-            format!("-m comment --comment \"{spn} -> {}\"", ep.addr_string())
-        } else {
-            String::new()
-        }
+            .find(|t| std::ptr::eq(t.ep, ep))
+            .expect("selected endpoints are reachable")
     };
     let write_balancing = |rules: &mut String, chain: &str, eps: &[&Endpoint]| {
-        if let SessionAffinity::ClientIp { timeout_seconds } = port.session_affinity {
+        let affinity = match port.session_affinity {
+            SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds.to_string()),
+            SessionAffinity::None => None,
+        };
+        if let Some(timeout) = &affinity {
             for ep in eps {
-                let sep = chain_of(ep);
-                let recent =
-                    format!("-m recent --name {sep} --rcheck --seconds {timeout_seconds} --reap");
-                rule(rules, chain, &[&ep_comment(ep), &recent, "-j", sep]);
+                let t = text_of(ep);
+                let mut l = line(rules, chain);
+                if comments_on_endpoints {
+                    l = l.comment(&[&spn, " -> ", &t.addr]);
+                }
+                l.arg("-m recent --name")
+                    .arg(&t.chain)
+                    .arg("--rcheck --seconds")
+                    .arg(timeout)
+                    .arg("--reap")
+                    .jump(&t.chain);
             }
         }
         let n = eps.len();
         for (i, ep) in eps.iter().enumerate() {
-            let stat = if i + 1 < n {
-                format!(
-                    "-m statistic --mode random --probability {}",
-                    probability(n - i)
-                )
-            } else {
-                String::new()
-            };
-            rule(rules, chain, &[&ep_comment(ep), &stat, "-j", chain_of(ep)]);
+            let t = text_of(ep);
+            let mut l = line(rules, chain);
+            if comments_on_endpoints {
+                l = l.comment(&[&spn, " -> ", &t.addr]);
+            }
+            if i + 1 < n {
+                l = l
+                    .arg("-m statistic --mode random --probability")
+                    .arg(&probability(n - i));
+            }
+            l.jump(&t.chain);
         }
     };
     if sel.uses_cluster_chain() {
@@ -483,27 +424,26 @@ pub fn render_port(
         write_balancing(rules, &svl_chain, &sel.local);
     }
 
-    let sep_comment = if comments_on_endpoints {
-        format!("-m comment --comment {spn}")
-    } else {
-        String::new()
-    };
-    for (ep, sep) in &sep_chains {
-        f.chains.push(sep.clone());
-        let ip = ep.ip.to_string();
-        rule(rules, sep, &[&sep_comment, "-s", &ip, "-j", KUBE_MARK_MASQ]);
-        let affinity = match port.session_affinity {
-            SessionAffinity::ClientIp { .. } => format!("-m recent --name {sep} --set"),
-            SessionAffinity::None => String::new(),
-        };
-        let mut dnat = String::with_capacity(48);
-        let _ = write!(
-            dnat,
-            "-m {proto} -p {proto} -j DNAT --to-destination {}",
-            ep.addr_string()
-        );
-        rule(rules, sep, &[&sep_comment, &affinity, &dnat]);
+    let affinity = matches!(port.session_affinity, SessionAffinity::ClientIp { .. });
+    for t in &endpoints {
+        let mut l = line(rules, &t.chain);
+        if comments_on_endpoints {
+            l = l.comment(&[&spn]);
+        }
+        l.arg("-s").arg(&t.ip).jump(KUBE_MARK_MASQ);
+        let mut l = line(rules, &t.chain);
+        if comments_on_endpoints {
+            l = l.comment(&[&spn]);
+        }
+        if affinity {
+            l = l.arg("-m recent --name").arg(&t.chain).arg("--set");
+        }
+        l.arg(&m_proto)
+            .arg("-j DNAT --to-destination")
+            .arg(&t.addr)
+            .end();
     }
+    f.chains.extend(endpoints.into_iter().map(|t| t.chain));
     f
 }
 

@@ -7,7 +7,7 @@
 
 mod fragment;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 pub use fragment::{LocalDetector, PortFragment, render_port};
@@ -279,7 +279,8 @@ pub struct Rendered {
 #[derive(Debug)]
 pub struct Renderer {
     cfg: RenderConfig,
-    fragments: HashMap<ServicePortName, PortFragment>,
+    /// Fragments in snapshot order, so assembly is a walk without lookups.
+    fragments: BTreeMap<ServicePortName, PortFragment>,
     /// Node and comment mode the cached fragments were rendered with.
     cached_for: Option<(NodeInfo, bool)>,
     /// Whether jump rules must be (re)inserted in the next render.
@@ -291,7 +292,7 @@ impl Renderer {
     pub fn new(cfg: RenderConfig) -> Self {
         Self {
             cfg,
-            fragments: HashMap::new(),
+            fragments: BTreeMap::new(),
             cached_for: None,
             insert_jumps: true,
         }
@@ -338,32 +339,43 @@ impl Renderer {
         let changed_ports: Vec<&ServicePortName> = match scope {
             Scope::Full { existing } => {
                 out.full = true;
-                self.fragments.clear();
-                for (name, st) in &snap.ports {
-                    self.fragments.insert(
-                        name.clone(),
-                        render_port(&self.cfg, &snap.node, st, comments),
+                // Snapshot order is the map order: bulk-building from it needs no lookups.
+                self.fragments = snap
+                    .ports
+                    .iter()
+                    .map(|(name, st)| {
+                        (
+                            name.clone(),
+                            render_port(&self.cfg, &snap.node, st, comments),
+                        )
+                    })
+                    .collect();
+                if !existing.is_empty() {
+                    let desired: HashSet<&str> = self.desired_chains().collect();
+                    stale.extend(
+                        existing
+                            .iter()
+                            .filter(|c| !desired.contains(c.as_str()))
+                            .cloned(),
                     );
                 }
-                let desired: BTreeSet<&str> = self.desired_chains().collect();
-                stale.extend(
-                    existing
-                        .iter()
-                        .filter(|c| !desired.contains(c.as_str()))
-                        .cloned(),
-                );
                 snap.ports.keys().collect()
             }
             Scope::Partial { changed } => {
                 let mut old_chains: BTreeSet<String> = BTreeSet::new();
-                self.fragments.retain(|k, f| {
-                    if changed.contains(&k.service) {
-                        old_chains.extend(f.chains.drain(..));
-                        false
-                    } else {
-                        true
+                for service in changed {
+                    let keys: Vec<ServicePortName> = self
+                        .fragments
+                        .range(ServicePortName::first_of(service)..)
+                        .take_while(|(k, _)| &k.service == service)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in keys {
+                        if let Some(f) = self.fragments.remove(&k) {
+                            old_chains.extend(f.chains);
+                        }
                     }
-                });
+                }
                 let mut ports = Vec::new();
                 for service in changed {
                     for (name, st) in snap.ports_of(service) {
@@ -381,7 +393,7 @@ impl Renderer {
         };
         self.cached_for = Some(cache_key);
 
-        let sections = self.assemble(snap, &changed_ports, &stale);
+        let sections = self.assemble(&changed_ports, &stale);
         out.text = sections;
         out.chains_written = changed_ports
             .iter()
@@ -399,20 +411,11 @@ impl Renderer {
         out
     }
 
-    fn assemble(
-        &self,
-        snap: &Snapshot,
-        written: &[&ServicePortName],
-        stale: &BTreeSet<String>,
-    ) -> String {
+    fn assemble(&self, written: &[&ServicePortName], stale: &BTreeSet<String>) -> String {
         let cfg = &self.cfg;
         let mark = cfg.masquerade_mark();
         let localnet = cfg.serves_localhost_node_ports();
-        let ordered: Vec<&PortFragment> = snap
-            .ports
-            .keys()
-            .filter_map(|k| self.fragments.get(k))
-            .collect();
+        let ordered: Vec<&PortFragment> = self.fragments.values().collect();
         let size: usize = ordered
             .iter()
             .map(|f| {
