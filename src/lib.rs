@@ -13,7 +13,10 @@
 //! - [`render`] is the `svcproxy render` command: files in, `iptables-restore` input out.
 
 pub mod config;
+pub mod conntrack;
+pub mod daemon;
 pub mod dataplane;
 pub mod model;
 pub mod render;
 pub mod source;
+pub mod sync;

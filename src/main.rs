@@ -2,17 +2,54 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use svcproxy::config::ProxyFlags;
+use svcproxy::daemon::{self, DaemonOptions};
+use svcproxy::dataplane::iptables::edge::Variant;
 use svcproxy::model::IpFamily;
+use svcproxy::sync::SyncSettings;
 
 /// A Kubernetes service proxy: a drop-in replacement for kube-proxy.
 #[derive(Parser, Debug)]
-#[command(name = "svcproxy", version, about)]
+#[command(
+    name = "svcproxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// Flags of the proxy daemon (upstream kube-proxy's names).
+#[derive(clap::Args, Debug)]
+struct DaemonArgs {
+    /// Which proxy mode to use.
+    #[arg(long, value_enum, default_value = "iptables")]
+    proxy_mode: ProxyMode,
+    /// Read Services, EndpointSlices and Nodes from YAML/JSON files in this directory and
+    /// watch it for changes (standalone nodes, demos, tests).
+    #[arg(long)]
+    manifests_dir: Option<PathBuf>,
+    /// Minimum interval between rule syncs (Go duration).
+    #[arg(long, alias = "iptables-min-sync-period", value_parser = svcproxy::config::parse_duration, default_value = "1s")]
+    min_sync_period: Duration,
+    /// Maximum interval between full rule syncs (Go duration).
+    #[arg(long, alias = "iptables-sync-period", value_parser = svcproxy::config::parse_duration, default_value = "30s")]
+    sync_period: Duration,
+    /// iptables variant to program: detected from the node's existing rules by default.
+    #[arg(long, value_enum)]
+    iptables_backend: Option<Variant>,
+    /// Remove every rule svcproxy or kube-proxy installed (all modes, both families) and exit.
+    #[arg(long)]
+    cleanup: bool,
+    #[command(flatten)]
+    flags: ProxyFlags,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,19 +89,16 @@ struct RenderArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Render(args)) => render(args),
-        None => {
-            eprintln!(
-                "svcproxy: the proxy daemon is not available in this build yet; use `svcproxy render`"
-            );
-            ExitCode::from(2)
-        }
+        None if cli.daemon.cleanup => cleanup(),
+        None => run_daemon(cli.daemon),
     }
 }
 
@@ -87,4 +121,72 @@ fn render(args: RenderArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cleanup() -> ExitCode {
+    let problems = daemon::cleanup_everything();
+    if problems.is_empty() {
+        eprintln!("svcproxy --cleanup: no proxy rules left");
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("svcproxy --cleanup: {p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn run_daemon(args: DaemonArgs) -> ExitCode {
+    let ProxyMode::Iptables = args.proxy_mode;
+    let settings = SyncSettings {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        canary_period: args
+            .sync_period
+            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+    };
+    let families = daemon::kernel_families();
+    let opts = DaemonOptions {
+        flags: args.flags,
+        manifests_dir: args.manifests_dir,
+        settings,
+        iptables_variant: args.iptables_backend,
+        observers: daemon::default_observers(&families),
+        families,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("svcproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let daemon = match daemon::start(opts) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("svcproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    });
+    tracing::info!("shutting down; installed rules stay in place");
+    daemon.stop();
+    ExitCode::SUCCESS
 }

@@ -6,13 +6,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use common::builders::{service, slice};
 use common::{Netns, kernel_tests_possible};
 use svcproxy::dataplane::iptables::{RenderConfig, Renderer, Scope};
-use svcproxy::model::convert::SliceInfo;
-use svcproxy::model::{
-    ChangeTracker, Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort,
-    ServicePortName, SessionAffinity,
-};
+use svcproxy::model::{ChangeTracker, IpFamily, NodeInfo, ServiceName};
 
 fn golden_files() -> Vec<(String, String)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
@@ -95,53 +92,6 @@ fn golden_rule_sets_load_into_the_kernel() {
                 );
             }
         }
-    }
-}
-
-fn service(name: &str, ip: &str, port: u16) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("ns", name),
-            port: "p".into(),
-            protocol: Protocol::Tcp,
-        },
-        port,
-        node_port: None,
-        cluster_ips: vec![ip.parse().unwrap()],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        traffic_distribution: None,
-    }
-}
-
-fn slice(svc: &str, ips: &[&str]) -> SliceInfo {
-    SliceInfo {
-        service: ServiceName::new("ns", svc),
-        slice_name: format!("{svc}-1"),
-        ports: vec![svcproxy::model::convert::SlicePort {
-            name: "p".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        endpoints: ips
-            .iter()
-            .map(|ip| Endpoint {
-                ip: ip.parse().unwrap(),
-                port: 0,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some("node".into()),
-                zone: None,
-                zone_hints: vec![],
-                node_hints: vec![],
-            })
-            .collect(),
     }
 }
 

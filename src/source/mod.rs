@@ -4,6 +4,7 @@
 //! [`ChangeTracker`] through [`apply_object`] and [`delete_object`].
 
 pub mod files;
+pub mod manifests;
 
 use crate::model::convert::{self, ConvertError};
 use crate::model::{ChangeTracker, ServiceName};

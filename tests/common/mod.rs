@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod builders;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,7 +5,12 @@
 //! changed, rewrites the shared chains from cached text, and deletes the chains the changed
 //! services no longer need.
 
+pub mod backend;
+pub mod cleanup;
+pub mod edge;
+pub mod fake;
 mod fragment;
+pub mod save;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -31,6 +36,11 @@ pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 /// filter: blocks martian localnet traffic when localhost node ports are enabled.
 pub const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+
+/// filter + nat: canary chain; its rule vanishing means someone flushed the tables.
+pub const KUBE_PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
+/// The rule svcproxy keeps in each canary chain.
+pub const CANARY_RULE: &str = "-m comment --comment \"svcproxy canary\" -j RETURN";
 
 /// Upstream's large-cluster threshold: above this many endpoints, per-endpoint comments are
 /// dropped to shrink the restore input.
@@ -266,7 +276,7 @@ pub struct Rendered {
     /// Whether this is a full render (a partial request may be upgraded to full).
     pub full: bool,
     /// Per-service chains written (declared and filled).
-    pub chains_written: usize,
+    pub chains_written: Vec<String>,
     /// Per-service chains deleted.
     pub chains_deleted: Vec<String>,
     /// ITP Local service ports without local endpoints.
@@ -283,8 +293,8 @@ pub struct Renderer {
     fragments: BTreeMap<ServicePortName, PortFragment>,
     /// Node and comment mode the cached fragments were rendered with.
     cached_for: Option<(NodeInfo, bool)>,
-    /// Whether jump rules must be (re)inserted in the next render.
-    insert_jumps: bool,
+    /// Jump rules to insert in the next render; `None` means all that apply.
+    pending_jumps: Option<Vec<JumpRule>>,
 }
 
 impl Renderer {
@@ -294,7 +304,7 @@ impl Renderer {
             cfg,
             fragments: BTreeMap::new(),
             cached_for: None,
-            insert_jumps: true,
+            pending_jumps: None,
         }
     }
 
@@ -303,10 +313,33 @@ impl Renderer {
         &self.cfg
     }
 
-    /// Controls whether the next renders insert the jump rules from the built-in chains
-    /// (true for a fresh node; the backend clears it once they are in the kernel).
+    /// Controls whether the next renders insert all jump rules from the built-in chains
+    /// (true for a fresh node) or none (they are in the kernel already).
     pub fn set_insert_jumps(&mut self, insert: bool) {
-        self.insert_jumps = insert;
+        self.pending_jumps = if insert { None } else { Some(Vec::new()) };
+    }
+
+    /// Inserts exactly these jump rules in the next renders (the ones missing in the kernel).
+    pub fn set_missing_jumps(&mut self, jumps: Vec<JumpRule>) {
+        self.pending_jumps = Some(jumps);
+    }
+
+    /// The jump rules this configuration installs.
+    pub fn applicable_jumps(&self) -> Vec<JumpRule> {
+        let localnet: &[JumpRule] = if self.cfg.serves_localhost_node_ports() {
+            LOCALNET_JUMP_RULES
+        } else {
+            &[]
+        };
+        JUMP_RULES.iter().chain(localnet).copied().collect()
+    }
+
+    /// Replaces the configuration; a different one invalidates every cached fragment.
+    pub fn set_config(&mut self, cfg: RenderConfig) {
+        if cfg != self.cfg {
+            self.cfg = cfg;
+            self.invalidate();
+        }
     }
 
     /// Per-service chains the current rule set uses.
@@ -320,6 +353,15 @@ impl Renderer {
     pub fn invalidate(&mut self) {
         self.fragments.clear();
         self.cached_for = None;
+    }
+
+    /// Whether a partial render of `snap` is possible: fragments are cached and were rendered
+    /// for the same node facts and comment mode.
+    pub fn can_render_partial(&self, snap: &Snapshot) -> bool {
+        let comments = snap.endpoint_count() <= self.cfg.large_cluster_endpoints;
+        self.cached_for
+            .as_ref()
+            .is_some_and(|(node, c)| *c == comments && *node == snap.node)
     }
 
     /// Renders `snap`. A partial scope is upgraded to full when nothing is cached yet or when
@@ -398,8 +440,8 @@ impl Renderer {
         out.chains_written = changed_ports
             .iter()
             .filter_map(|p| self.fragments.get(*p))
-            .map(|f| f.chains.len())
-            .sum();
+            .flat_map(|f| f.chains.iter().cloned())
+            .collect();
         out.chains_deleted = stale
             .into_iter()
             .filter(|c| naming::is_service_chain(c))
@@ -442,9 +484,8 @@ impl Renderer {
         for c in &filter_chains {
             declare(&mut s, c);
         }
-        if self.insert_jumps {
-            self.write_jumps(&mut s, "filter", localnet);
-        }
+        declare(&mut s, KUBE_PROXY_CANARY);
+        self.write_jumps(&mut s, "filter");
         for f in &ordered {
             s.push_str(&f.filter_nodeports);
         }
@@ -489,9 +530,8 @@ impl Renderer {
         for c in stale {
             declare(&mut s, c);
         }
-        if self.insert_jumps {
-            self.write_jumps(&mut s, "nat", localnet);
-        }
+        declare(&mut s, KUBE_PROXY_CANARY);
+        self.write_jumps(&mut s, "nat");
         for f in &ordered {
             s.push_str(&f.nat_services);
         }
@@ -523,15 +563,15 @@ impl Renderer {
         s
     }
 
-    fn write_jumps(&self, s: &mut String, table: &str, localnet: bool) {
-        let localnet_rules = if localnet { LOCALNET_JUMP_RULES } else { &[] };
-        for j in JUMP_RULES
-            .iter()
-            .chain(localnet_rules)
-            .filter(|j| j.table == table)
-        {
+    fn write_jumps(&self, s: &mut String, table: &str) {
+        let jumps = match &self.pending_jumps {
+            Some(j) => j.clone(),
+            None => self.applicable_jumps(),
+        };
+        for j in jumps.iter().filter(|j| j.table == table) {
             s.push_str(&format!("-I {} 1 {}\n", j.from, j.args()));
         }
+        s.push_str(&format!("-A {KUBE_PROXY_CANARY} {CANARY_RULE}\n"));
     }
 
     fn write_nodeports_jump(&self, s: &mut String, localnet: bool) {

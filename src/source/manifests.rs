@@ -1,0 +1,223 @@
+//! `--manifests-dir`: Services, EndpointSlices and Nodes from YAML/JSON files in a directory,
+//! watched so that creating, editing, deleting or renaming a file applies like API events.
+//!
+//! For standalone nodes, demos and tests. Each file is reloaded on its own when it changes;
+//! a file that stops parsing keeps its last good objects in force (and the error is logged
+//! with the file name), so a half-saved edit never takes services down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::files::{self, Object};
+use super::{apply_object, delete_object};
+use crate::model::ChangeTracker;
+use crate::sync::SyncTrigger;
+
+/// How long to wait for more file events before reloading (editors write in bursts).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The manifests directory cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestsError {
+    /// The directory is missing or unreadable.
+    #[error("--manifests-dir {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// inotify could not be set up.
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: notify::Error,
+    },
+}
+
+/// Identity of an object across files.
+type Key = (&'static str, String, String);
+
+fn key(obj: &Object) -> Key {
+    let (kind, meta) = match obj {
+        Object::Service(s) => ("Service", &s.metadata),
+        Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
+        Object::Node(n) => ("Node", &n.metadata),
+    };
+    (
+        kind,
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The directory's objects, per file, and how they reach the tracker.
+struct DirState {
+    dir: PathBuf,
+    node_name: String,
+    tracker: Arc<Mutex<ChangeTracker>>,
+    trigger: SyncTrigger,
+    files: HashMap<PathBuf, BTreeMap<Key, Object>>,
+}
+
+impl DirState {
+    /// Replaces the objects of `path` with what the file holds now; returns whether the
+    /// tracker changed.
+    fn reload(&mut self, path: &Path) -> bool {
+        let new: Option<BTreeMap<Key, Object>> = if path.is_file() && files::is_manifest_path(path)
+        {
+            match files::load_file(path) {
+                Ok(loaded) => {
+                    for w in &loaded.warnings {
+                        tracing::warn!(file = %w.path.display(), object = %w.object, reason = %w.reason, "skipping object");
+                    }
+                    Some(loaded.objects.into_iter().map(|o| (key(&o), o)).collect())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "keeping the last good objects of this file");
+                    return false;
+                }
+            }
+        } else {
+            None
+        };
+        let old = self.files.remove(path).unwrap_or_default();
+        let new = new.unwrap_or_default();
+        let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        for (k, obj) in &old {
+            let still_elsewhere = self.files.values().any(|f| f.contains_key(k));
+            if !new.contains_key(k) && !still_elsewhere {
+                changed |= delete_object(&mut tracker, &self.node_name, obj);
+            }
+        }
+        for obj in new.values() {
+            match apply_object(&mut tracker, &self.node_name, obj) {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping object that cannot be proxied")
+                }
+            }
+        }
+        if !new.is_empty() {
+            self.files.insert(path.to_path_buf(), new);
+        }
+        changed
+    }
+
+    /// Reloads every file (start-up, and when a directory itself changed).
+    fn rescan(&mut self) -> bool {
+        let mut paths: Vec<PathBuf> = files::manifest_files(&self.dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list the manifests directory");
+            Vec::new()
+        });
+        paths.extend(self.files.keys().cloned());
+        paths.sort();
+        paths.dedup();
+        let mut changed = false;
+        for p in paths {
+            changed |= self.reload(&p);
+        }
+        changed
+    }
+
+    fn run(mut self, events: Receiver<notify::Result<notify::Event>>) {
+        loop {
+            let Ok(first) = events.recv() else { return };
+            let mut batch = vec![first];
+            loop {
+                match events.recv_timeout(DEBOUNCE) {
+                    Ok(e) => batch.push(e),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            let mut paths: Vec<PathBuf> = Vec::new();
+            let mut rescan = false;
+            for ev in batch {
+                match ev {
+                    Ok(ev) => {
+                        rescan |= ev.need_rescan() || ev.paths.iter().any(|p| p.is_dir());
+                        paths.extend(ev.paths);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "file watch error; rescanning the directory");
+                        rescan = true;
+                    }
+                }
+            }
+            paths.sort();
+            paths.dedup();
+            let changed = if rescan {
+                self.rescan()
+            } else {
+                paths.iter().fold(false, |acc, p| self.reload(p) | acc)
+            };
+            if changed {
+                self.trigger.kick();
+            }
+        }
+    }
+}
+
+/// Keeps the watch alive; dropping it stops watching.
+pub struct ManifestsWatch {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Loads `dir` into `tracker`, marks the initial state ready, and watches for changes on a
+/// background thread.
+pub fn watch(
+    dir: &Path,
+    node_name: &str,
+    tracker: Arc<Mutex<ChangeTracker>>,
+    trigger: SyncTrigger,
+) -> Result<ManifestsWatch, ManifestsError> {
+    let meta = std::fs::metadata(dir).map_err(|source| ManifestsError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(ManifestsError::Dir {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    // Watch before the first scan so no change between the two is missed.
+    let (tx, rx) = channel();
+    let mut watcher = notify::recommended_watcher(tx).map_err(|source| ManifestsError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .map_err(|source| ManifestsError::Watch {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let mut state = DirState {
+        dir: dir.to_path_buf(),
+        node_name: node_name.to_string(),
+        tracker,
+        trigger: trigger.clone(),
+        files: HashMap::new(),
+    };
+    state.rescan();
+    trigger.kick();
+    trigger.set_ready();
+    std::thread::Builder::new()
+        .name("manifests-watch".into())
+        .spawn(move || state.run(rx))
+        .map_err(|source| ManifestsError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    Ok(ManifestsWatch { _watcher: watcher })
+}

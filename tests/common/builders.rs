@@ -1,0 +1,87 @@
+//! Small builders for model objects used across test files.
+
+use svcproxy::model::convert::{SliceInfo, SlicePort};
+use svcproxy::model::{
+    ChangeTracker, Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
+    SessionAffinity,
+};
+
+/// A ClusterIP service port `ns/<name>:p` (TCP) on `ip:port`.
+pub fn service(name: &str, ip: &str, port: u16) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            service: ServiceName::new("ns", name),
+            port: "p".into(),
+            protocol: Protocol::Tcp,
+        },
+        port,
+        node_port: None,
+        cluster_ips: vec![ip.parse().unwrap()],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        health_check_node_port: None,
+        session_affinity: SessionAffinity::None,
+        external_policy_local: false,
+        internal_policy_local: false,
+        traffic_distribution: None,
+    }
+}
+
+/// A ready endpoint on node `node`.
+pub fn endpoint(ip: &str, node: &str) -> Endpoint {
+    Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 0,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: Some(node.into()),
+        zone: None,
+        zone_hints: vec![],
+        node_hints: vec![],
+    }
+}
+
+/// The slice `<svc>-1` of `ns/<svc>` with ready endpoints on port 8080 of node "node".
+pub fn slice(svc: &str, ips: &[&str]) -> SliceInfo {
+    SliceInfo {
+        service: ServiceName::new("ns", svc),
+        slice_name: format!("{svc}-1"),
+        ports: vec![SlicePort {
+            name: "p".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: ips.iter().map(|ip| endpoint(ip, "node")).collect(),
+    }
+}
+
+/// A tracker for node "node" holding services `names` on 10.96.0.(i+1):80, two endpoints each.
+pub fn tracker_with(names: &[&str]) -> ChangeTracker {
+    let mut tracker = ChangeTracker::new(NodeInfo {
+        name: "node".into(),
+        ..NodeInfo::default()
+    });
+    for (i, svc) in names.iter().enumerate() {
+        tracker.update_service(
+            ServiceName::new("ns", *svc),
+            Some(vec![service(svc, &format!("10.96.0.{}", i + 1), 80)]),
+        );
+        set_endpoints(
+            &mut tracker,
+            svc,
+            &[&format!("10.244.{i}.1"), &format!("10.244.{i}.2")],
+        );
+    }
+    tracker
+}
+
+/// Replaces the endpoints of `ns/<svc>`.
+pub fn set_endpoints(tracker: &mut ChangeTracker, svc: &str, ips: &[&str]) {
+    tracker.update_slice(
+        ServiceName::new("ns", svc),
+        format!("{svc}-1"),
+        Some(slice(svc, ips)),
+    );
+}
