@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod builders;
+pub mod topology;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
