@@ -21,7 +21,15 @@ fn endpoint(ip: &str, node: &str) -> String {
     format!("  - addresses: [\"{ip}\"]\n    nodeName: {node}\n")
 }
 
-fn slice(service: &str, name: &str, family: &str, port_name: &str, proto: &str, port: u16, eps: &[(&str, &str)]) -> String {
+fn slice(
+    service: &str,
+    name: &str,
+    family: &str,
+    port_name: &str,
+    proto: &str,
+    port: u16,
+    eps: &[(&str, &str)],
+) -> String {
     let mut s = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  namespace: test\n  name: {name}\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]\nendpoints:\n"
     );
@@ -44,8 +52,19 @@ fn web(pods: &[usize]) -> String {
     )
 }
 
+/// `dns`: a UDP ClusterIP service over the given pods' echo servers.
+fn dns(pods: &[usize]) -> String {
+    let eps: Vec<(String, &str)> = pods.iter().map(|i| (pod_ip(*i), "node-a")).collect();
+    let eps: Vec<(&str, &str)> = eps.iter().map(|(i, n)| (i.as_str(), *n)).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: test, name: dns}}\nspec:\n  clusterIP: 10.96.0.53\n  ports: [{{name: dns, port: 53, protocol: UDP}}]\n---\n{}",
+        slice("dns", "dns-1", "IPv4", "dns", "UDP", 5353, &eps)
+    )
+}
+
 fn cluster_manifests(t: &Topology) {
     t.write_manifest("node.yaml", NODE);
+    t.write_manifest("dns.yaml", &dns(&[1, 2]));
     t.write_manifest("web.yaml", &web(&[1, 2, 3]));
     let p = |i| pod_ip(i);
     t.write_manifest(
@@ -58,8 +77,6 @@ fn cluster_manifests(t: &Topology) {
             "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: itp}\nspec:\n  clusterIP: 10.96.0.13\n  internalTrafficPolicy: Local\n  ports: [{name: http, port: 80}]\n".to_string(),
             slice("itp", "itp-1", "IPv4", "http", "TCP", 8080, &[(&p(2), "node-a"), (REMOTE_POD, "node-b")]),
             "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: empty}\nspec:\n  clusterIP: 10.96.0.14\n  ports: [{name: http, port: 80}]\n".to_string(),
-            "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: dns}\nspec:\n  clusterIP: 10.96.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}]\n".to_string(),
-            slice("dns", "dns-1", "IPv4", "dns", "UDP", 5353, &[(&p(1), "node-a"), (&p(2), "node-a")]),
             "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: web6}\nspec:\n  clusterIP: \"fd00:96::10\"\n  clusterIPs: [\"fd00:96::10\"]\n  ipFamilies: [IPv6]\n  ports: [{name: http, port: 80}]\n".to_string(),
             slice("web6", "web6-1", "IPv6", "http", "TCP", 8081, &[(&pod_ip6(1), "node-a"), (&pod_ip6(2), "node-a")]),
             "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: remote}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.15\n  ports: [{name: http, port: 80, nodePort: 30082}]\n".to_string(),
@@ -74,7 +91,9 @@ fn spread(n: usize, mut get: impl FnMut() -> Option<String>) -> BTreeMap<String,
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let answer = get().unwrap_or_else(|| "<failed>".into());
-        *seen.entry(answer.split_whitespace().next().unwrap_or("").to_string()).or_insert(0) += 1;
+        *seen
+            .entry(answer.split_whitespace().next().unwrap_or("").to_string())
+            .or_insert(0) += 1;
     }
     seen
 }
@@ -83,9 +102,11 @@ fn started(mode: &str) -> Topology {
     let mut t = Topology::new();
     cluster_manifests(&t);
     t.start_proxy(mode, &[]);
-    t.wait_until("the web ClusterIP to answer", Duration::from_secs(20), || {
-        Topology::http(&t.client, "10.96.0.10", 80).is_some()
-    });
+    t.wait_until(
+        "the web ClusterIP to answer",
+        Duration::from_secs(20),
+        || Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+    );
     t
 }
 
@@ -95,29 +116,55 @@ fn every_path_works(mode: &str) {
 
     // ClusterIP from a pod and from the node itself, spread over every endpoint.
     let from_pod = spread(30, || Topology::http(&t.client, "10.96.0.10", 80));
-    assert_eq!(from_pod.keys().cloned().collect::<Vec<_>>(), pods, "ClusterIP from a pod: {from_pod:?}");
+    assert_eq!(
+        from_pod.keys().cloned().collect::<Vec<_>>(),
+        pods,
+        "ClusterIP from a pod: {from_pod:?}"
+    );
     let from_node = spread(30, || Topology::http(&t.node, "10.96.0.10", 80));
-    assert_eq!(from_node.keys().cloned().collect::<Vec<_>>(), pods, "ClusterIP from the node: {from_node:?}");
+    assert_eq!(
+        from_node.keys().cloned().collect::<Vec<_>>(),
+        pods,
+        "ClusterIP from the node: {from_node:?}"
+    );
     // A pod client keeps its source IP.
     let answer = Topology::http(&t.client, "10.96.0.10", 80).unwrap();
-    assert!(answer.ends_with(CLIENT_IP), "pod source preserved: {answer}");
+    assert!(
+        answer.ends_with(CLIENT_IP),
+        "pod source preserved: {answer}"
+    );
 
     // NodePort, load-balancer IP and external IP from the external host: spread, and
     // masqueraded (ETP Cluster) so the pod sees the node, not the client.
-    for (host, port) in [("192.168.0.10", 30080), ("203.0.113.10", 80), ("198.51.100.50", 80)] {
+    for (host, port) in [
+        ("192.168.0.10", 30080),
+        ("203.0.113.10", 80),
+        ("198.51.100.50", 80),
+    ] {
         let seen = spread(24, || Topology::http(&t.external, host, port));
-        assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), pods, "{host}:{port} from outside: {seen:?}");
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            pods,
+            "{host}:{port} from outside: {seen:?}"
+        );
         let answer = Topology::http(&t.external, host, port).unwrap();
-        assert!(!answer.ends_with(EXTERNAL_IP), "{host}:{port}: external traffic is masqueraded: {answer}");
+        assert!(
+            !answer.ends_with(EXTERNAL_IP),
+            "{host}:{port}: external traffic is masqueraded: {answer}"
+        );
     }
 
     // A NodePort whose only endpoint is on another node: forwarded there.
-    let answer = Topology::http(&t.external, "192.168.0.10", 30082).expect("NodePort to a remote endpoint");
+    let answer =
+        Topology::http(&t.external, "192.168.0.10", 30082).expect("NodePort to a remote endpoint");
     assert!(answer.starts_with("remote-pod"), "{answer}");
 
     // Hairpin: a pod reaching itself through its service.
     let hairpin = spread(30, || Topology::http(&t.pods[0], "10.96.0.10", 80));
-    assert!(hairpin.contains_key("pod-1") && !hairpin.contains_key("<failed>"), "hairpin: {hairpin:?}");
+    assert!(
+        hairpin.contains_key("pod-1") && !hairpin.contains_key("<failed>"),
+        "hairpin: {hairpin:?}"
+    );
 
     // Session affinity ClientIP: one client always reaches the same pod.
     let sticky = spread(15, || Topology::http(&t.client, "10.96.0.11", 80));
@@ -126,30 +173,54 @@ fn every_path_works(mode: &str) {
     // ETP Local: from outside only the local endpoint, with the client IP preserved.
     for (host, port) in [("203.0.113.12", 80), ("192.168.0.10", 30081)] {
         let seen = spread(12, || Topology::http(&t.external, host, port));
-        assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["pod-1"], "ETP Local {host}:{port}: {seen:?}");
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec!["pod-1"],
+            "ETP Local {host}:{port}: {seen:?}"
+        );
         let answer = Topology::http(&t.external, host, port).unwrap();
-        assert!(answer.ends_with(EXTERNAL_IP), "ETP Local preserves the client IP: {answer}");
+        assert!(
+            answer.ends_with(EXTERNAL_IP),
+            "ETP Local preserves the client IP: {answer}"
+        );
     }
     // ...while pods still reach every endpoint through the ClusterIP.
     let internal = spread(30, || Topology::http(&t.client, "10.96.0.12", 80));
-    assert!(internal.contains_key("remote-pod") && internal.contains_key("pod-1"), "{internal:?}");
+    assert!(
+        internal.contains_key("remote-pod") && internal.contains_key("pod-1"),
+        "{internal:?}"
+    );
 
     // ITP Local: ClusterIP traffic only to this node's endpoint.
     let itp = spread(15, || Topology::http(&t.client, "10.96.0.13", 80));
-    assert_eq!(itp.keys().collect::<Vec<_>>(), vec!["pod-2"], "ITP Local: {itp:?}");
+    assert_eq!(
+        itp.keys().collect::<Vec<_>>(),
+        vec!["pod-2"],
+        "ITP Local: {itp:?}"
+    );
 
     // No endpoints: refused at once, not a timeout.
     let (code, took) = Topology::http_attempt(&t.client, "10.96.0.14", 80);
     assert_eq!(code, 7, "curl exit 7 = connection refused");
-    assert!(took < Duration::from_millis(500), "refused at once, took {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "refused at once, took {took:?}"
+    );
 
     // UDP service.
     let udp = spread(20, || Topology::udp(&t.client, "10.96.0.53", 53, 0));
-    assert!(udp.keys().all(|k| k == "pod-1" || k == "pod-2") && udp.len() == 2, "UDP: {udp:?}");
+    assert!(
+        udp.keys().all(|k| k == "pod-1" || k == "pod-2") && udp.len() == 2,
+        "UDP: {udp:?}"
+    );
 
     // IPv6 ClusterIP.
     let v6 = spread(20, || Topology::http(&t.client, "fd00:96::10", 80));
-    assert_eq!(v6.keys().collect::<Vec<_>>(), vec!["pod-1", "pod-2"], "IPv6 ClusterIP: {v6:?}");
+    assert_eq!(
+        v6.keys().collect::<Vec<_>>(),
+        vec!["pod-1", "pod-2"],
+        "IPv6 ClusterIP: {v6:?}"
+    );
 }
 
 fn endpoint_changes_converge(mode: &str) {
@@ -159,33 +230,51 @@ fn endpoint_changes_converge(mode: &str) {
     let took = t.wait_until("pod-3 to leave web", Duration::from_secs(10), || {
         !spread(12, || Topology::http(&t.client, "10.96.0.10", 80)).contains_key("pod-3")
     });
-    eprintln!("[{mode}] endpoint removal converged in {} ms (incl. 12 probes)", took.as_millis());
+    eprintln!(
+        "[{mode}] endpoint removal converged in {} ms (incl. 12 probes)",
+        took.as_millis()
+    );
     let seen = spread(20, || Topology::http(&t.client, "10.96.0.10", 80));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["pod-1", "pod-2"], "{seen:?}");
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        vec!["pod-1", "pod-2"],
+        "{seen:?}"
+    );
     // Add it back.
     t.write_manifest("web.yaml", &web(&[1, 2, 3]));
     let took = t.wait_until("pod-3 to rejoin web", Duration::from_secs(10), || {
         spread(12, || Topology::http(&t.client, "10.96.0.10", 80)).contains_key("pod-3")
     });
-    eprintln!("[{mode}] endpoint addition converged in {} ms (incl. probes)", took.as_millis());
+    eprintln!(
+        "[{mode}] endpoint addition converged in {} ms (incl. probes)",
+        took.as_millis()
+    );
 
     // UDP: a client with a fixed source port is stuck to its endpoint by conntrack; when
     // that endpoint is removed the stale entry is deleted and the client moves on.
     let first = Topology::udp(&t.client, "10.96.0.53", 53, 40000).expect("UDP answer");
     let victim = first.split_whitespace().next().unwrap().to_string();
     let keep = if victim == "pod-1" { 2 } else { 1 };
-    assert_eq!(Topology::udp(&t.client, "10.96.0.53", 53, 40000).unwrap().split_whitespace().next(), Some(victim.as_str()));
-    t.write_manifest(
-        "dns.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: test, name: dns}}\nspec:\n  clusterIP: 10.96.0.53\n  ports: [{{name: dns, port: 53, protocol: UDP}}]\n---\n{}",
-            slice("dns", "dns-1", "IPv4", "dns", "UDP", 5353, &[(&pod_ip(keep), "node-a")])
-        ),
+    assert_eq!(
+        Topology::udp(&t.client, "10.96.0.53", 53, 40000)
+            .unwrap()
+            .split_whitespace()
+            .next(),
+        Some(victim.as_str())
     );
-    let took = t.wait_until("the UDP client to move off the removed endpoint", Duration::from_secs(10), || {
-        Topology::udp(&t.client, "10.96.0.53", 53, 40000).is_some_and(|a| a.starts_with(&format!("pod-{keep}")))
-    });
-    eprintln!("[{mode}] UDP client moved off {victim} in {} ms", took.as_millis());
+    t.write_manifest("dns.yaml", &dns(&[keep]));
+    let took = t.wait_until(
+        "the UDP client to move off the removed endpoint",
+        Duration::from_secs(10),
+        || {
+            Topology::udp(&t.client, "10.96.0.53", 53, 40000)
+                .is_some_and(|a| a.starts_with(&format!("pod-{keep}")))
+        },
+    );
+    eprintln!(
+        "[{mode}] UDP client moved off {victim} in {} ms",
+        took.as_millis()
+    );
 }
 
 fn flushed_rules_are_restored(mode: &str) {
@@ -199,7 +288,10 @@ fn flushed_rules_are_restored(mode: &str) {
         t.node.ok(&cmd);
     }
     nft_flush_if_used(&t, mode);
-    assert!(Topology::http(&t.client, "10.96.0.10", 80).is_none_or(|a| !a.starts_with("pod")), "rules are gone");
+    assert!(
+        Topology::http(&t.client, "10.96.0.10", 80).is_none_or(|a| !a.starts_with("pod")),
+        "rules are gone"
+    );
     let took = t.wait_until("the rules to be restored", Duration::from_secs(15), || {
         Topology::http(&t.client, "10.96.0.10", 80).is_some()
     });
@@ -216,16 +308,29 @@ fn cleanup_leaves_nothing(mode: &str) {
     let mut t = started(mode);
     t.stop_proxy();
     // Rules stay after a normal stop...
-    assert!(Topology::http(&t.client, "10.96.0.10", 80).is_some(), "rules survive a SIGTERM");
+    assert!(
+        Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+        "rules survive a SIGTERM"
+    );
     let out = t.node.run(&[env!("CARGO_BIN_EXE_svcproxy"), "--cleanup"]);
-    assert!(out.status.success(), "--cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "--cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for save in ["iptables-save", "ip6tables-save", "iptables-legacy-save"] {
         let text = t.node.ok(&[save]);
         assert!(!text.contains("KUBE-"), "{save} after --cleanup:\n{text}");
     }
     let tables = t.node.ok(&["nft", "list", "tables"]);
-    assert!(!tables.contains("svcproxy") && !tables.contains("kube-proxy"), "{tables}");
-    assert!(Topology::http(&t.client, "10.96.0.10", 80).is_none(), "service gone after cleanup");
+    assert!(
+        !tables.contains("svcproxy") && !tables.contains("kube-proxy"),
+        "{tables}"
+    );
+    assert!(
+        Topology::http(&t.client, "10.96.0.10", 80).is_none(),
+        "service gone after cleanup"
+    );
 }
 
 macro_rules! packet_tests {

@@ -193,12 +193,13 @@ pub struct StaleFlowFilter {
 impl StaleFlowFilter {
     /// Builds the lookup maps for `family` from `snapshot`.
     ///
-    /// A service port's current endpoints are [`select`]'s `reachable` set (everything this
-    /// node may send the port's traffic to), so traffic policies, the terminating fallback and
-    /// topology are decided in the model only. Ports whose protocol needs no cleanup (TCP) are
-    /// left out, and so are ports with no reachable endpoint: as upstream, there is nowhere
-    /// better to send their flows, and they are cleaned by the first sync that has endpoints
-    /// (their reply source will not be one of them).
+    /// A flow is kept while its DNAT target is any *serving* endpoint of the service port
+    /// (ready, or serving while terminating, on any node), as upstream's reconciler does:
+    /// established UDP sessions to a draining or remote endpoint are not cut short by the
+    /// arrival of a ready or local one. Ports whose protocol needs no cleanup (TCP) are left
+    /// out, and so are ports this node cannot send anywhere ([`select`] finds nothing
+    /// reachable): there is nowhere better for their flows, and they are cleaned by the first
+    /// sync that has endpoints (their reply source will not be one of them).
     pub fn new(snapshot: &Snapshot, family: IpFamily) -> Self {
         let mut filter = StaleFlowFilter {
             family,
@@ -216,9 +217,10 @@ impl StaleFlowFilter {
             if selection.reachable.is_empty() {
                 continue;
             }
-            let set: HashSet<Target> = selection
-                .reachable
+            let set: HashSet<Target> = state
+                .endpoints
                 .iter()
+                .filter(|ep| family.contains(&ep.ip) && (ep.ready || ep.serving))
                 .map(|ep| (ep.ip, ep.port))
                 .collect();
             filter.targets.push(set);
@@ -617,19 +619,24 @@ mod tests {
         assert!(!f.is_stale(&udp("10.96.0.10:53", "10.244.1.11:5353")));
     }
 
-    /// `select` falls back to serving-terminating endpoints only when nothing is ready, and
-    /// the filter follows it: flows to a terminating endpoint are kept while it is the
-    /// fallback and deleted once a ready endpoint exists.
+    /// Flows to a serving-but-terminating endpoint are kept, also once a ready endpoint
+    /// exists (graceful termination, as upstream); once it stops serving they are stale.
     #[test]
-    fn terminating_endpoints_follow_select() {
+    fn terminating_endpoints_keep_their_flows_while_serving() {
         let (p, _) = dns();
         let mut term = ep("10.244.1.13", NODE);
         term.ready = false;
         term.terminating = true;
         let only_terminating = v4(&snapshot(vec![(p.clone(), vec![term.clone()])]));
         assert!(!only_terminating.is_stale(&udp("10.96.0.10:53", "10.244.1.13:5353")));
-        let with_ready = v4(&snapshot(vec![(p, vec![ep("10.244.1.11", NODE), term])]));
-        assert!(with_ready.is_stale(&udp("10.96.0.10:53", "10.244.1.13:5353")));
+        let with_ready = v4(&snapshot(vec![(
+            p.clone(),
+            vec![ep("10.244.1.11", NODE), term.clone()],
+        )]));
+        assert!(!with_ready.is_stale(&udp("10.96.0.10:53", "10.244.1.13:5353")));
+        term.serving = false;
+        let stopped = v4(&snapshot(vec![(p, vec![ep("10.244.1.11", NODE), term])]));
+        assert!(stopped.is_stale(&udp("10.96.0.10:53", "10.244.1.13:5353")));
     }
 
     #[test]
@@ -710,16 +717,20 @@ mod tests {
         assert!(f4.is_stale(&udp("10.96.0.10:53", "10.244.1.10:5353")));
     }
 
-    /// ITP Local without external access: this node only sends to its own endpoints, so a
-    /// flow pinned to a remote endpoint is stale; with no local endpoint left there is
-    /// nowhere to move the flow, and it is left alone (like a service without endpoints).
+    /// ITP Local without external access: a flow pinned to a remote endpoint that is still
+    /// serving is kept (upstream keeps flows to any serving endpoint); with no local endpoint
+    /// left there is nowhere to move flows, and they are left alone.
     #[test]
     fn internal_traffic_policy_local_follows_select() {
         let (mut p, eps) = dns();
         p.internal_policy_local = true;
         let f = v4(&snapshot(vec![(p.clone(), eps)]));
         assert!(!f.is_stale(&udp("10.96.0.10:53", "10.244.1.11:5353")));
-        assert!(f.is_stale(&udp("10.96.0.10:53", "10.244.2.12:5353")));
+        assert!(!f.is_stale(&udp("10.96.0.10:53", "10.244.2.12:5353")));
+        assert!(
+            f.is_stale(&udp("10.96.0.10:53", "10.244.9.9:5353")),
+            "not an endpoint at all"
+        );
 
         let remote_only = v4(&snapshot(vec![(p, vec![ep("10.244.2.12", "node-b")])]));
         assert!(remote_only.is_empty());

@@ -9,8 +9,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, ErrorBuffer, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-    NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
+    DefaultNla, Emitable, ErrorBuffer, NLA_F_NESTED, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple,
@@ -28,9 +29,7 @@ use crate::model::IpFamily;
 const CTA_ID: u16 = 12;
 /// `CTA_ZONE`: the entry's zone (big-endian u16), present in dumps when not 0.
 const CTA_ZONE: u16 = 18;
-/// `CTA_FILTER` (Linux 5.9+): nested attribute that makes the kernel filter a dump. Sent
-/// without `NLA_F_NESTED` (the crate's raw attribute cannot carry it); ctnetlink parses its
-/// attributes liberally and does not require the flag.
+/// `CTA_FILTER` (Linux 5.9+): nested attribute that makes the kernel filter a dump.
 const CTA_FILTER: u16 = 25;
 /// `CTA_FILTER_ORIG_FLAGS`: which fields of the `CTA_TUPLE_ORIG` in the request must match.
 const CTA_FILTER_ORIG_FLAGS: u16 = 1;
@@ -60,12 +59,15 @@ pub struct NetlinkConntrack {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// The kernel accepts `CTA_FILTER` (cleared, once, when it rejects the filter).
+    kernel_filter: bool,
 }
 
 impl std::fmt::Debug for NetlinkConntrack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetlinkConntrack")
             .field("seq", &self.seq)
+            .field("kernel_filter", &self.kernel_filter)
             .finish_non_exhaustive()
     }
 }
@@ -117,6 +119,7 @@ impl NetlinkConntrack {
             socket,
             seq: 0,
             buf: vec![0; RECV_BUFFER],
+            kernel_filter: true,
         })
     }
 
@@ -162,6 +165,69 @@ impl NetlinkConntrack {
             )));
         }
         Ok(n)
+    }
+
+    /// One dump of `family`, asking the kernel to filter on `protocol` when `filtered`;
+    /// only flows of `protocol` are returned either way.
+    fn dump_once(
+        &mut self,
+        family: IpFamily,
+        protocol: u8,
+        filtered: bool,
+    ) -> Result<Vec<Flow>, ConntrackError> {
+        let seq = self.next_seq();
+        let out = dump_request(seq, family, filtered.then_some(protocol));
+        self.socket.send(&out, 0).map_err(io_error("send dump"))?;
+
+        let mut flows = Vec::new();
+        let mut received = 0usize;
+        let mut undecodable = 0usize;
+        let mut done = false;
+        while !done {
+            let n = self.recv()?;
+            for_each_message(&self.buf[..n], |message| {
+                if done || message.seq != seq {
+                    // Left over from an earlier, abandoned request.
+                    return Ok(());
+                }
+                match message.message_type {
+                    NLMSG_DONE => done = true,
+                    NLMSG_ERROR => {
+                        let code = ErrorBuffer::new_checked(message.payload)
+                            .map_err(|e| ConntrackError::Decode(e.to_string()))?
+                            .code();
+                        ack_result("dump", code)?;
+                    }
+                    _ => {
+                        received += 1;
+                        match parse_flow(message.bytes) {
+                            Some(flow) if flow.protocol == protocol && flow.family() == family => {
+                                flows.push(flow)
+                            }
+                            Some(_) => {}
+                            None => undecodable += 1,
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        if undecodable > 0 {
+            tracing::warn!(
+                ?family,
+                protocol,
+                undecodable,
+                "skipped undecodable conntrack entries"
+            );
+        }
+        tracing::debug!(
+            ?family,
+            protocol,
+            received,
+            kept = flows.len(),
+            "dumped conntrack entries"
+        );
+        Ok(flows)
     }
 
     /// Sends the deletes of `flows` in one `sendmsg` and collects one ack per delete.
@@ -267,76 +333,28 @@ fn for_each_message(
 
 impl ConntrackTable for NetlinkConntrack {
     /// One `IPCTNL_MSG_CT_GET` dump of `family`, filtered by the kernel to `protocol`
-    /// (`CTA_FILTER`, Linux 5.9+; older kernels ignore the filter and the flows are filtered
-    /// here instead).
+    /// (`CTA_FILTER`, Linux 5.9+). Older kernels ignore the filter; a kernel that rejects it
+    /// gets unfiltered dumps from then on. Either way the flows are also filtered here.
     fn dump(&mut self, family: IpFamily, protocol: u8) -> Result<Vec<Flow>, ConntrackError> {
-        let seq = self.next_seq();
-        let mut filter = Vec::new();
-        let flags = DefaultNla::new(
-            CTA_FILTER_ORIG_FLAGS,
-            CTA_FILTER_F_CTA_PROTO_NUM.to_ne_bytes().to_vec(),
-        );
-        filter.resize(flags.buffer_len(), 0);
-        flags.emit(&mut filter);
-        let request = ConntrackMessage::Get(vec![
-            ConntrackAttribute::CtaTupleOrig(vec![Tuple::Proto(vec![ProtoTuple::Protocol(
-                protocol.into(),
-            )])]),
-            ConntrackAttribute::Other(DefaultNla::new(CTA_FILTER, filter)),
-        ]);
-        let mut out = Vec::with_capacity(64);
-        Self::encode(&mut out, seq, NLM_F_REQUEST | NLM_F_DUMP, family, request);
-        self.socket.send(&out, 0).map_err(io_error("send dump"))?;
-
-        let mut flows = Vec::new();
-        let mut received = 0usize;
-        let mut undecodable = 0usize;
-        let mut done = false;
-        while !done {
-            let n = self.recv()?;
-            for_each_message(&self.buf[..n], |message| {
-                if done || message.seq != seq {
-                    // Left over from an earlier, abandoned request.
-                    return Ok(());
+        if self.kernel_filter {
+            match self.dump_once(family, protocol, true) {
+                Err(ConntrackError::Kernel { source, .. })
+                    // EINVAL or EOPNOTSUPP
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+                    ) =>
+                {
+                    tracing::info!(
+                        error = %source,
+                        "kernel rejects conntrack dump filters; dumping unfiltered"
+                    );
+                    self.kernel_filter = false;
                 }
-                match message.message_type {
-                    NLMSG_DONE => done = true,
-                    NLMSG_ERROR => {
-                        let code = ErrorBuffer::new_checked(message.payload)
-                            .map_err(|e| ConntrackError::Decode(e.to_string()))?
-                            .code();
-                        ack_result("dump", code)?;
-                    }
-                    _ => {
-                        received += 1;
-                        match parse_flow(message.bytes) {
-                            Some(flow) if flow.protocol == protocol && flow.family() == family => {
-                                flows.push(flow)
-                            }
-                            Some(_) => {}
-                            None => undecodable += 1,
-                        }
-                    }
-                }
-                Ok(())
-            })?;
+                other => return other,
+            }
         }
-        if undecodable > 0 {
-            tracing::warn!(
-                ?family,
-                protocol,
-                undecodable,
-                "skipped undecodable conntrack entries"
-            );
-        }
-        tracing::debug!(
-            ?family,
-            protocol,
-            received,
-            kept = flows.len(),
-            "dumped conntrack entries"
-        );
-        Ok(flows)
+        self.dump_once(family, protocol, false)
     }
 
     fn delete(&mut self, flow: &Flow) -> Result<(), ConntrackError> {
@@ -345,7 +363,7 @@ impl ConntrackTable for NetlinkConntrack {
             .unwrap_or(Err(ConntrackError::Decode("no ack for delete".into())))
     }
 
-    /// Batches [`DELETE_BATCH`] deletes per `sendmsg`: one syscall and one kernel entry per
+    /// Batches 64 deletes per `sendmsg`: one syscall and one kernel entry per
     /// batch instead of per flow.
     fn delete_all(&mut self, flows: &[Flow]) -> Vec<Result<(), ConntrackError>> {
         let mut results = Vec::with_capacity(flows.len());
@@ -354,6 +372,41 @@ impl ConntrackTable for NetlinkConntrack {
         }
         results
     }
+}
+
+/// `IPCTNL_MSG_CT_GET` dump request for `family`, with a kernel-side filter on `protocol`
+/// when given.
+///
+/// The crate builds the message and its `CTA_TUPLE_ORIG`; `CTA_FILTER` is appended by hand
+/// because the kernel parses it strictly (it must carry `NLA_F_NESTED`, which the crate's raw
+/// attribute type cannot set).
+fn dump_request(seq: u32, family: IpFamily, protocol: Option<u8>) -> Vec<u8> {
+    let flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut out = Vec::with_capacity(64);
+    let Some(protocol) = protocol else {
+        NetlinkConntrack::encode(&mut out, seq, flags, family, ConntrackMessage::Get(vec![]));
+        return out;
+    };
+    let request =
+        ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(vec![Tuple::Proto(
+            vec![ProtoTuple::Protocol(protocol.into())],
+        )])]);
+    NetlinkConntrack::encode(&mut out, seq, flags, family, request);
+    // CTA_FILTER { CTA_FILTER_ORIG_FLAGS: u32 (host order) }
+    let inner = DefaultNla::new(
+        CTA_FILTER_ORIG_FLAGS,
+        CTA_FILTER_F_CTA_PROTO_NUM.to_ne_bytes().to_vec(),
+    );
+    let inner_len = inner.buffer_len();
+    let outer_len = 4 + inner_len;
+    out.extend_from_slice(&(outer_len as u16).to_ne_bytes());
+    out.extend_from_slice(&(CTA_FILTER | NLA_F_NESTED).to_ne_bytes());
+    let start = out.len();
+    out.resize(start + inner_len, 0);
+    inner.emit(&mut out[start..]);
+    let total = out.len() as u32;
+    out[..4].copy_from_slice(&total.to_ne_bytes());
+    out
 }
 
 /// `IPCTNL_MSG_CT_DELETE` for exactly `flow`: original tuple, zone and id.
@@ -536,28 +589,49 @@ mod tests {
 
     #[test]
     fn dump_request_carries_the_protocol_filter() {
-        let mut out = Vec::new();
-        let mut filter = Vec::new();
-        let flags = DefaultNla::new(
-            CTA_FILTER_ORIG_FLAGS,
-            CTA_FILTER_F_CTA_PROTO_NUM.to_ne_bytes().to_vec(),
+        let out = dump_request(1, IpFamily::V6, Some(17));
+        // The crate parses it back: a conntrack get with the protocol in the orig tuple.
+        let message = NetlinkMessage::<NetfilterMessage>::deserialize(&out).unwrap();
+        assert_eq!(message.header.length as usize, out.len());
+        assert_eq!(message.header.flags, NLM_F_REQUEST | NLM_F_DUMP);
+        let NetlinkPayload::InnerMessage(NetfilterMessage {
+            header,
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::Get(attributes)),
+            ..
+        }) = message.payload
+        else {
+            panic!("not a conntrack get: {:?}", message.payload);
+        };
+        assert_eq!(header.family, NetfilterProtoFamily::IPv6);
+        assert_eq!(
+            attributes[0],
+            ConntrackAttribute::CtaTupleOrig(vec![Tuple::Proto(vec![ProtoTuple::Protocol(
+                17u8.into()
+            )])])
         );
-        filter.resize(flags.buffer_len(), 0);
-        flags.emit(&mut filter);
-        assert_eq!(filter.len(), 8);
-        NetlinkConntrack::encode(
-            &mut out,
-            1,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            IpFamily::V6,
-            ConntrackMessage::Get(vec![ConntrackAttribute::Other(DefaultNla::new(
-                CTA_FILTER, filter,
-            ))]),
+        // The trailing CTA_FILTER: nested flag set, one u32 of flags.
+        let filter = &out[out.len() - 12..];
+        assert_eq!(u16::from_ne_bytes([filter[0], filter[1]]), 12);
+        assert_eq!(
+            u16::from_ne_bytes([filter[2], filter[3]]),
+            CTA_FILTER | NLA_F_NESTED
         );
-        // nlmsghdr (16) + nfgenmsg (4) + CTA_FILTER header (4) + nested flags (8).
-        assert_eq!(out.len(), 32);
-        assert_eq!(out[16], 10, "AF_INET6");
-        assert_eq!(u16::from_ne_bytes([out[22], out[23]]), CTA_FILTER);
+        assert_eq!(
+            u16::from_ne_bytes([filter[6], filter[7]]),
+            CTA_FILTER_ORIG_FLAGS
+        );
+        assert_eq!(
+            u32::from_ne_bytes(filter[8..12].try_into().unwrap()),
+            CTA_FILTER_F_CTA_PROTO_NUM
+        );
+    }
+
+    #[test]
+    fn unfiltered_dump_request_is_bare() {
+        let out = dump_request(2, IpFamily::V4, None);
+        // nlmsghdr + nfgenmsg, no attributes: the kernel filters on the family only.
+        assert_eq!(out.len(), 20);
+        assert_eq!(out[16], 2, "AF_INET");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::ModifyKind;
+use notify::{EventKind, RecursiveMode, Watcher};
 
 use super::files::{self, Object};
 use super::{apply_object, delete_object};
@@ -68,17 +69,26 @@ struct DirState {
 }
 
 impl DirState {
+    /// The file whose definition of `key` is in force: the lexically last one defining it
+    /// (duplicates are a user error; this keeps the outcome deterministic).
+    fn owner(&self, key: &Key) -> Option<&PathBuf> {
+        self.files
+            .iter()
+            .filter(|(_, objs)| objs.contains_key(key))
+            .map(|(p, _)| p)
+            .max()
+    }
+
     /// Replaces the objects of `path` with what the file holds now; returns whether the
     /// tracker changed.
     fn reload(&mut self, path: &Path) -> bool {
-        let new: Option<BTreeMap<Key, Object>> = if path.is_file() && files::is_manifest_path(path)
-        {
+        let new: BTreeMap<Key, Object> = if path.is_file() && files::is_manifest_path(path) {
             match files::load_file(path) {
                 Ok(loaded) => {
                     for w in &loaded.warnings {
                         tracing::warn!(file = %w.path.display(), object = %w.object, reason = %w.reason, "skipping object");
                     }
-                    Some(loaded.objects.into_iter().map(|o| (key(&o), o)).collect())
+                    loaded.objects.into_iter().map(|o| (key(&o), o)).collect()
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "keeping the last good objects of this file");
@@ -86,29 +96,39 @@ impl DirState {
                 }
             }
         } else {
-            None
+            BTreeMap::new()
         };
         let old = self.files.remove(path).unwrap_or_default();
-        let new = new.unwrap_or_default();
+        if !new.is_empty() {
+            self.files.insert(path.to_path_buf(), new.clone());
+        }
+        let mut keys: Vec<&Key> = old.keys().chain(new.keys()).collect();
+        keys.sort();
+        keys.dedup();
         let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
-        for (k, obj) in &old {
-            let still_elsewhere = self.files.values().any(|f| f.contains_key(k));
-            if !new.contains_key(k) && !still_elsewhere {
-                changed |= delete_object(&mut tracker, &self.node_name, obj);
-            }
-        }
-        for obj in new.values() {
-            match apply_object(&mut tracker, &self.node_name, obj) {
-                Ok(c) => changed |= c,
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "skipping object that cannot be proxied")
+        for k in keys {
+            match self.owner(k) {
+                Some(owner) => {
+                    let obj = &self.files[owner][k];
+                    if owner.as_path() != path && new.contains_key(k) {
+                        tracing::warn!(object = ?k, used = %owner.display(), ignored = %path.display(), "object defined in two files");
+                    }
+                    match apply_object(&mut tracker, &self.node_name, obj) {
+                        Ok(c) => changed |= c,
+                        Err(e) => {
+                            tracing::warn!(file = %owner.display(), error = %e, "skipping object that cannot be proxied")
+                        }
+                    }
+                }
+                None => {
+                    if let Some(obj) = old.get(k) {
+                        changed |= delete_object(&mut tracker, &self.node_name, obj);
+                    }
                 }
             }
         }
-        if !new.is_empty() {
-            self.files.insert(path.to_path_buf(), new);
-        }
+        tracing::debug!(file = %path.display(), objects = new.len(), changed, "reloaded manifest file");
         changed
     }
 
@@ -143,9 +163,20 @@ impl DirState {
             let mut rescan = false;
             for ev in batch {
                 match ev {
+                    // Our own reads produce access events: never react to those.
+                    Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
                     Ok(ev) => {
-                        rescan |= ev.need_rescan() || ev.paths.iter().any(|p| p.is_dir());
-                        paths.extend(ev.paths);
+                        let dir_changed =
+                            matches!(
+                                ev.kind,
+                                EventKind::Create(_)
+                                    | EventKind::Remove(_)
+                                    | EventKind::Modify(ModifyKind::Name(_))
+                            ) && ev.paths.iter().any(|p| p.is_dir() && *p != self.dir);
+                        rescan |= ev.need_rescan()
+                            || dir_changed
+                            || matches!(ev.kind, EventKind::Other | EventKind::Any);
+                        paths.extend(ev.paths.into_iter().filter(|p| *p != self.dir));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "file watch error; rescanning the directory");
@@ -155,6 +186,10 @@ impl DirState {
             }
             paths.sort();
             paths.dedup();
+            if paths.is_empty() && !rescan {
+                continue;
+            }
+            tracing::debug!(?paths, rescan, "manifest files changed");
             let changed = if rescan {
                 self.rescan()
             } else {

@@ -62,23 +62,89 @@ pub const EXTERNAL_IP: &str = "192.168.0.2";
 
 fn link_pod(node: &Netns, pod: &Netns, idx: usize, ip: &str, ip6: &str) {
     let host_if = format!("vp{idx}");
-    node.ok(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name]);
+    node.ok(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ]);
     node.ok(&["ip", "link", "set", &host_if, "up"]);
     node.ok(&["ip", "addr", "add", "10.244.1.1/32", "dev", &host_if]);
-    node.ok(&["ip", "-6", "addr", "add", "fd00:10:244:1::1/128", "dev", &host_if, "nodad"]);
+    node.ok(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:10:244:1::1/128",
+        "dev",
+        &host_if,
+        "nodad",
+    ]);
     node.ok(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
-    node.ok(&["ip", "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if]);
+    node.ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        &host_if,
+    ]);
     pod.ok(&["ip", "link", "set", "eth0", "up"]);
     pod.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-    pod.ok(&["ip", "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
-    pod.ok(&["ip", "route", "add", "10.244.1.1", "dev", "eth0", "scope", "link"]);
-    pod.ok(&["ip", "route", "add", "default", "via", "10.244.1.1", "dev", "eth0"]);
-    pod.ok(&["ip", "-6", "route", "add", "fd00:10:244:1::1", "dev", "eth0"]);
-    pod.ok(&["ip", "-6", "route", "add", "default", "via", "fd00:10:244:1::1", "dev", "eth0"]);
+    pod.ok(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    pod.ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pod.ok(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.244.1.1",
+        "dev",
+        "eth0",
+    ]);
+    pod.ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "fd00:10:244:1::1",
+        "dev",
+        "eth0",
+    ]);
+    pod.ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:10:244:1::1",
+        "dev",
+        "eth0",
+    ]);
 }
 
 fn link_hosts(a: &Netns, a_if: &str, a_ip: &str, b: &Netns, b_if: &str, b_ip: &str) {
-    a.ok(&["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    a.ok(&[
+        "ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ]);
     a.ok(&["ip", "link", "set", a_if, "up"]);
     a.ok(&["ip", "addr", "add", a_ip, "dev", a_if]);
     b.ok(&["ip", "link", "set", b_if, "up"]);
@@ -101,20 +167,44 @@ impl Topology {
             link_pod(&node, pod, i + 1, &pod_ip(i + 1), &pod_ip6(i + 1));
         }
         link_pod(&node, &client, 9, CLIENT_IP, "fd00:10:244:1::100");
-        link_hosts(&node, "eth-ext", &format!("{NODE_IP}/24"), &external, "eth0", &format!("{EXTERNAL_IP}/24"));
+        link_hosts(
+            &node,
+            "eth-ext",
+            &format!("{NODE_IP}/24"),
+            &external,
+            "eth0",
+            &format!("{EXTERNAL_IP}/24"),
+        );
         // Like a real node, node-a has a default route (to a host the test owns): locally
         // generated packets to a ClusterIP need a route before NAT rewrites them.
         node.ok(&["ip", "route", "add", "default", "via", EXTERNAL_IP]);
         for net in ["203.0.113.0/24", "198.51.100.0/24"] {
             external.ok(&["ip", "route", "add", net, "via", NODE_IP]);
         }
-        link_hosts(&node, "eth-b", "192.168.1.10/24", &remote, "eth0", "192.168.1.11/24");
+        link_hosts(
+            &node,
+            "eth-b",
+            "192.168.1.10/24",
+            &remote,
+            "eth0",
+            "192.168.1.11/24",
+        );
         node.ok(&["ip", "route", "add", "10.244.2.0/24", "via", "192.168.1.11"]);
-        remote.ok(&["ip", "addr", "add", &format!("{REMOTE_POD}/32"), "dev", "lo"]);
+        remote.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{REMOTE_POD}/32"),
+            "dev",
+            "lo",
+        ]);
         remote.ok(&["ip", "route", "add", "default", "via", "192.168.1.10"]);
 
         let manifests = tempfile::tempdir().expect("tempdir");
-        let proxy_log = manifests.path().join("..").join(format!("svcproxy-{}.log", node.name));
+        let proxy_log = manifests
+            .path()
+            .join("..")
+            .join(format!("svcproxy-{}.log", node.name));
         let mut t = Topology {
             node,
             remote,
@@ -161,7 +251,12 @@ impl Topology {
         let end = Instant::now() + Duration::from_secs(30);
         while Instant::now() < end {
             let url = format!("http://{ip}:{port}/");
-            if self.node.run(&["curl", "-s", "--max-time", "1", &url]).status.success() {
+            if self
+                .node
+                .run(&["curl", "-s", "--max-time", "1", &url])
+                .status
+                .success()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -185,8 +280,20 @@ impl Topology {
     pub fn start_proxy(&mut self, mode: &str, extra: &[&str]) {
         let log = fs::File::create(&self.proxy_log).expect("proxy log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.node.name, env!("CARGO_BIN_EXE_svcproxy")])
-            .args(["--proxy-mode", mode, "--hostname-override", "node-a", "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"])
+            .args([
+                "netns",
+                "exec",
+                &self.node.name,
+                env!("CARGO_BIN_EXE_svcproxy"),
+            ])
+            .args([
+                "--proxy-mode",
+                mode,
+                "--hostname-override",
+                "node-a",
+                "--cluster-cidr",
+                "10.244.0.0/16,fd00:10:244::/56",
+            ])
             .args(["--min-sync-period", "100ms", "--sync-period", "30s"])
             .arg("--manifests-dir")
             .arg(self.manifests.path())
@@ -202,7 +309,9 @@ impl Topology {
     /// Stops the proxy (SIGTERM) and waits for it.
     pub fn stop_proxy(&mut self) {
         if let Some(mut p) = self.proxy.take() {
-            let _ = Command::new("kill").args(["-TERM", &p.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.id().to_string()])
+                .status();
             let end = Instant::now() + Duration::from_secs(5);
             while Instant::now() < end {
                 if let Ok(Some(_)) = p.try_wait() {
@@ -222,8 +331,20 @@ impl Topology {
 
     /// One HTTP GET from `ns`; `Some("pod-1 10.244.1.100")` or `None` on failure.
     pub fn http(ns: &Netns, host: &str, port: u16) -> Option<String> {
-        let url = if host.contains(':') { format!("http://[{host}]:{port}/") } else { format!("http://{host}:{port}/") };
-        let out = ns.run(&["curl", "-s", "--connect-timeout", "1", "--max-time", "2", &url]);
+        let url = if host.contains(':') {
+            format!("http://[{host}]:{port}/")
+        } else {
+            format!("http://{host}:{port}/")
+        };
+        let out = ns.run(&[
+            "curl",
+            "-s",
+            "--connect-timeout",
+            "1",
+            "--max-time",
+            "2",
+            &url,
+        ]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -233,20 +354,40 @@ impl Topology {
     pub fn http_attempt(ns: &Netns, host: &str, port: u16) -> (i32, Duration) {
         let url = format!("http://{host}:{port}/");
         let start = Instant::now();
-        let out = ns.run(&["curl", "-s", "--connect-timeout", "2", "--max-time", "3", &url]);
+        let out = ns.run(&[
+            "curl",
+            "-s",
+            "--connect-timeout",
+            "2",
+            "--max-time",
+            "3",
+            &url,
+        ]);
         (out.status.code().unwrap_or(-1), start.elapsed())
     }
 
     /// One UDP exchange from `ns` (optionally from a fixed source port).
     pub fn udp(ns: &Netns, host: &str, port: u16, src_port: u16) -> Option<String> {
-        let out = ns.run(&["python3", agent().to_str().unwrap(), "udp-ask", host, &port.to_string(), &src_port.to_string()]);
+        let out = ns.run(&[
+            "python3",
+            agent().to_str().unwrap(),
+            "udp-ask",
+            host,
+            &port.to_string(),
+            &src_port.to_string(),
+        ]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// Polls `f` until it returns true; returns the time it took, or panics with the log.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> bool,
+    ) -> Duration {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if f() {
@@ -254,7 +395,10 @@ impl Topology {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("timed out after {timeout:?} waiting for {what}\n--- svcproxy log ---\n{}", self.proxy_log());
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n--- svcproxy log ---\n{}",
+            self.proxy_log()
+        );
     }
 }
 
