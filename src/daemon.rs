@@ -206,6 +206,9 @@ fn nft_tables() -> Option<String> {
 pub fn cleanup_everything() -> Vec<String> {
     let mut problems = Vec::new();
     for variant in [Variant::Nft, Variant::Legacy] {
+        if variant == Variant::Legacy && !Variant::legacy_in_use() {
+            continue; // reading legacy tables would create empty ones
+        }
         let mut edge = ProcessEdge::new(variant);
         for family in [IpFamily::V4, IpFamily::V6] {
             match remove_rules(&mut edge, family) {

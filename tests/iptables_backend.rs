@@ -235,3 +235,33 @@ fn cleanup_leaves_nothing() {
     assert!(s.full);
     assert_eq!(kube_chains(b.edge()).len(), 6);
 }
+
+#[test]
+fn a_family_without_changes_is_not_rewritten() {
+    let mut tracker = tracker_with(&["a", "b"]);
+    let mut b = IptablesBackend::new(
+        FakeEdge::default(),
+        &[IpFamily::V4, IpFamily::V6],
+        Box::new(|family, _| RenderConfig {
+            family,
+            ..RenderConfig::default()
+        }),
+    );
+    let (snap, changes) = tracker.drain();
+    b.sync(&snap, &changes, false).unwrap();
+    assert_eq!(
+        b.edge().restores.len(),
+        2,
+        "first sync writes both families"
+    );
+    drop(snap);
+    set_endpoints(&mut tracker, "a", &["10.244.0.1"]);
+    let (snap, changes) = tracker.drain();
+    b.sync(&snap, &changes, false).unwrap();
+    let families: Vec<IpFamily> = b.edge().restores[2..].iter().map(|(f, _)| *f).collect();
+    assert_eq!(
+        families,
+        vec![IpFamily::V4],
+        "IPv4-only change: no ip6tables-restore"
+    );
+}

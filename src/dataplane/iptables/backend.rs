@@ -125,6 +125,10 @@ impl<E: IptablesEdge> IptablesBackend<E> {
                     },
                 )
             };
+            if rendered.noop && self.families[idx].renderer.pending_jumps_empty() {
+                // Nothing of this family changed: leave its tables alone.
+                return Ok(stats);
+            }
             let started = Instant::now();
             let result = self.edge.restore(family, &rendered.text);
             stats.kernel_time += started.elapsed();

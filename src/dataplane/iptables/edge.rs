@@ -36,8 +36,20 @@ impl Variant {
         }
     }
 
+    /// Whether any iptables-legacy table exists in this network namespace (read without
+    /// creating one).
+    pub fn legacy_in_use() -> bool {
+        ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
+            .iter()
+            .any(|p| std::fs::read_to_string(p).is_ok_and(|s| !s.trim().is_empty()))
+    }
+
     /// Picks the variant the way kubernetes-sigs/iptables-wrappers does: kubelet's hint
     /// chains first, then whichever variant holds more rules; nft on a tie or a fresh node.
+    ///
+    /// Legacy tables are only read when the kernel already has some in this network
+    /// namespace (`/proc/net/ip{,6}_tables_names`): reading them would create empty ones and
+    /// make every later iptables-nft command warn about "legacy tables present".
     pub fn detect() -> Variant {
         let save = |v: Variant, family, table: Option<&str>| {
             let mut cmd = Command::new(v.binary(family, "save"));
@@ -50,11 +62,20 @@ impl Variant {
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
         };
-        for v in [Variant::Nft, Variant::Legacy] {
-            let mangle = save(v, IpFamily::V4, Some("mangle"));
+        let legacy_in_use = Variant::legacy_in_use();
+        let candidates: &[Variant] = if legacy_in_use {
+            &[Variant::Nft, Variant::Legacy]
+        } else {
+            &[Variant::Nft]
+        };
+        for v in candidates {
+            let mangle = save(*v, IpFamily::V4, Some("mangle"));
             if mangle.contains("KUBE-IPTABLES-HINT") || mangle.contains("KUBE-KUBELET-CANARY") {
-                return v;
+                return *v;
             }
+        }
+        if !legacy_in_use {
+            return Variant::Nft;
         }
         let count = |v| {
             [IpFamily::V4, IpFamily::V6]

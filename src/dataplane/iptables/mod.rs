@@ -275,6 +275,9 @@ pub struct Rendered {
     pub text: String,
     /// Whether this is a full render (a partial request may be upgraded to full).
     pub full: bool,
+    /// A partial render in which no changed service has rules in this family (before or
+    /// after): applying it would only rewrite the shared chains with identical content.
+    pub noop: bool,
     /// Per-service chains written (declared and filled).
     pub chains_written: Vec<String>,
     /// Per-service chains deleted.
@@ -317,6 +320,11 @@ impl Renderer {
     /// (true for a fresh node) or none (they are in the kernel already).
     pub fn set_insert_jumps(&mut self, insert: bool) {
         self.pending_jumps = if insert { None } else { Some(Vec::new()) };
+    }
+
+    /// No jump rules are waiting to be inserted.
+    pub fn pending_jumps_empty(&self) -> bool {
+        self.pending_jumps.as_ref().is_some_and(Vec::is_empty)
     }
 
     /// Inserts exactly these jump rules in the next renders (the ones missing in the kernel).
@@ -404,6 +412,7 @@ impl Renderer {
                 snap.ports.keys().collect()
             }
             Scope::Partial { changed } => {
+                let mut touched = false;
                 let mut old_chains: BTreeSet<String> = BTreeSet::new();
                 for service in changed {
                     let keys: Vec<ServicePortName> = self
@@ -414,6 +423,7 @@ impl Renderer {
                         .collect();
                     for k in keys {
                         if let Some(f) = self.fragments.remove(&k) {
+                            touched |= f != PortFragment::default();
                             old_chains.extend(f.chains);
                         }
                     }
@@ -422,6 +432,7 @@ impl Renderer {
                 for service in changed {
                     for (name, st) in snap.ports_of(service) {
                         let f = render_port(&self.cfg, &snap.node, st, comments);
+                        touched |= f != PortFragment::default();
                         for c in &f.chains {
                             old_chains.remove(c);
                         }
@@ -430,6 +441,7 @@ impl Renderer {
                     }
                 }
                 stale = old_chains;
+                out.noop = !touched;
                 ports
             }
         };
