@@ -165,7 +165,7 @@ fn upstream_rules_are_adopted_without_duplicates_and_stale_chains_removed() {
 -A KUBE-SERVICES -d 10.96.9.9/32 -p tcp -j KUBE-SVC-OLDOLDOLDOLDOLDO\n\
 -A KUBE-SVC-OLDOLDOLDOLDOLDO -j KUBE-SEP-OLDOLDOLDOLDOLDO\n\
 -A KUBE-SEP-OLDOLDOLDOLDOLDO -p tcp -j DNAT --to-destination 10.244.9.9:80\nCOMMIT\n";
-    edge.restore(IpFamily::V4, upstream).unwrap();
+    edge.restore(IpFamily::V4, upstream, false).unwrap();
     let mut tracker = tracker_with(&["a"]);
     let mut b = backend(edge);
     let (snap, changes) = tracker.drain();

@@ -129,8 +129,17 @@ impl<E: IptablesEdge> IptablesBackend<E> {
                 // Nothing of this family changed: leave its tables alone.
                 return Ok(stats);
             }
+            // A batch naming a large share of the table's chains is shaped for bulk loading
+            // (see `edge::with_cache_prelude`): D² > 700·T, D chains named, T in the table.
+            let named = rendered.chains_written.len() + rendered.chains_deleted.len() + 16;
+            let in_table = self.families[idx]
+                .kernel_chains
+                .as_ref()
+                .map_or(0, |c| c.len())
+                + 16;
+            let bulk = rendered.full || named * named > 700 * in_table;
             let started = Instant::now();
-            let result = self.edge.restore(family, &rendered.text);
+            let result = self.edge.restore(family, &rendered.text, bulk);
             stats.kernel_time += started.elapsed();
             stats.bytes += rendered.text.len();
             let st = &mut self.families[idx];

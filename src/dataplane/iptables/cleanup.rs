@@ -77,7 +77,7 @@ pub fn remove_rules(edge: &mut dyn IptablesEdge, family: IpFamily) -> Result<(),
     let saved = SavedTables::parse(&edge.save(family, None)?);
     let batch = cleanup_batch(&saved);
     if !batch.is_empty() {
-        edge.restore(family, &batch)?;
+        edge.restore(family, &batch, false)?;
     }
     let after = SavedTables::parse(&edge.save(family, None)?);
     let left: Vec<String> = TABLES

@@ -169,7 +169,7 @@ impl FakeEdge {
 }
 
 impl IptablesEdge for FakeEdge {
-    fn restore(&mut self, family: IpFamily, input: &str) -> Result<(), BackendError> {
+    fn restore(&mut self, family: IpFamily, input: &str, _bulk: bool) -> Result<(), BackendError> {
         self.restores.push((family, input.to_string()));
         if self.fail_next > 0 {
             self.fail_next -= 1;
