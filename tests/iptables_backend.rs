@@ -72,6 +72,10 @@ fn first_sync_full_then_partial_with_only_changed_chains() {
     );
     assert_eq!(kube_chains(b.edge()).len(), 8);
     assert_eq!(b.edge().saves, 2, "partial syncs never read the kernel");
+    assert!(
+        !text.contains("KUBE-SERVICES") && !text.contains("*filter"),
+        "an endpoint change leaves the shared chains alone:\n{text}"
+    );
     for j in JUMP_RULES.iter().filter(|j| j.table == "nat") {
         assert_eq!(
             jump_count(b.edge(), "nat", j.from, j.to),
@@ -264,4 +268,43 @@ fn a_family_without_changes_is_not_rewritten() {
         vec![IpFamily::V4],
         "IPv4-only change: no ip6tables-restore"
     );
+}
+
+#[test]
+fn partial_syncs_send_line_deltas_for_shared_chains() {
+    let mut tracker = tracker_with(&["a", "b"]);
+    let mut b = backend(FakeEdge::default());
+    let (snap, changes) = tracker.drain();
+    b.sync(&snap, &changes, false).unwrap();
+    drop(snap);
+    // A new service and a removed one.
+    tracker.update_service(ServiceName::new("ns", "a"), None);
+    tracker.update_service(
+        ServiceName::new("ns", "c"),
+        Some(vec![common::builders::service("c", "10.96.0.3", 80)]),
+    );
+    set_endpoints(&mut tracker, "c", &["10.244.3.1"]);
+    let (snap, changes) = tracker.drain();
+    let s = b.sync(&snap, &changes, false).unwrap();
+    assert!(!s.full);
+    let (_, text) = b.edge().restores.last().unwrap();
+    assert_eq!(text.matches("-D KUBE-SERVICES ").count(), 1, "{text}");
+    assert_eq!(text.matches("-I KUBE-SERVICES 1 ").count(), 1, "{text}");
+    assert!(
+        !text.contains(":KUBE-SERVICES"),
+        "the shared chain is not flushed:\n{text}"
+    );
+    let services = b
+        .edge()
+        .chain(IpFamily::V4, "nat", "KUBE-SERVICES")
+        .unwrap();
+    assert!(
+        services
+            .last()
+            .unwrap()
+            .contains("kubernetes service nodeports"),
+        "node-ports rule stays last: {services:?}"
+    );
+    assert!(services.iter().any(|r| r.contains("ns/c:p cluster IP")));
+    assert!(!services.iter().any(|r| r.contains("ns/a:p")));
 }

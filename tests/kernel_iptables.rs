@@ -145,7 +145,16 @@ fn partial_renders_converge_in_the_kernel() {
     );
     drop(snap);
 
-    // Service a loses an endpoint, service c goes away.
+    // Service a loses an endpoint, service c goes away, service d arrives.
+    tracker.update_service(
+        ServiceName::new("ns", "d"),
+        Some(vec![service("d", "10.96.0.4", 80)]),
+    );
+    tracker.update_slice(
+        ServiceName::new("ns", "d"),
+        "d-1".into(),
+        Some(slice("d", &["10.244.0.9"])),
+    );
     tracker.update_slice(
         ServiceName::new("ns", "a"),
         "a-1".into(),
@@ -166,8 +175,12 @@ fn partial_renders_converge_in_the_kernel() {
         "a's second SEP + c's SVC and two SEPs: {:?}",
         partial.chains_deleted
     );
-    assert!(
-        !partial.text.contains(":KUBE-SVC-") || partial.text.matches(":KUBE-SVC-").count() == 2
+    assert_eq!(
+        partial.text.matches(":KUBE-SVC-").count(),
+        3,
+        "a rewritten, d created, c declared to be deleted:
+{}",
+        partial.text
     );
     let out = ns.run_with_input(&["iptables-restore", "--noflush", "--wait"], &partial.text);
     assert!(
@@ -196,6 +209,21 @@ fn partial_renders_converge_in_the_kernel() {
         "untouched service b is still served"
     );
     assert!(!save.contains("ns/c:p"), "deleted service c is gone");
+    let services: Vec<&str> = save
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES "))
+        .collect();
+    assert!(
+        services.iter().any(|l| l.contains("ns/d:p cluster IP")),
+        "new service d: {services:?}"
+    );
+    assert!(
+        services
+            .last()
+            .unwrap()
+            .contains("kubernetes service nodeports"),
+        "node-ports rule last: {services:?}"
+    );
     // The jump rules were inserted once, not again by the partial render.
     assert_eq!(
         save.matches("-A PREROUTING -m comment --comment \"kubernetes service portals\"")

@@ -130,6 +130,21 @@ pub fn load_file(path: &Path) -> Result<Loaded, LoadError> {
     parse_documents(&text, path)
 }
 
+/// YAML limits sized for manifests: the parser's defaults (1024 documents, 250k nodes per
+/// file) are meant for config files and would reject a directory generated for thousands of
+/// services; depth, alias and anchor limits keep their protective defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 100_000_000;
+    budget.max_events = 400_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_reader_input_bytes = Some(1 << 30);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Parses the documents of one file's text; `path` is used in messages only.
 pub fn parse_documents(text: &str, path: &Path) -> Result<Loaded, LoadError> {
     let syntax = |message: String| LoadError::Syntax {
@@ -139,7 +154,8 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Loaded, LoadError> {
     let docs: Vec<Value> = if path.extension().is_some_and(|e| e == "json") {
         vec![serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?]
     } else {
-        serde_saphyr::from_multiple(text).map_err(|e| syntax(e.to_string()))?
+        serde_saphyr::from_multiple_with_options(text, yaml_options())
+            .map_err(|e| syntax(e.to_string()))?
     };
     let mut loaded = Loaded::default();
     for doc in docs {

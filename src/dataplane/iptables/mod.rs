@@ -386,6 +386,7 @@ impl Renderer {
 
         let mut out = Rendered::default();
         let mut stale: BTreeSet<String> = BTreeSet::new();
+        let mut delta = SharedDelta::default();
         let changed_ports: Vec<&ServicePortName> = match scope {
             Scope::Full { existing } => {
                 out.full = true;
@@ -412,8 +413,7 @@ impl Renderer {
                 snap.ports.keys().collect()
             }
             Scope::Partial { changed } => {
-                let mut touched = false;
-                let mut old_chains: BTreeSet<String> = BTreeSet::new();
+                let mut old: BTreeMap<ServicePortName, PortFragment> = BTreeMap::new();
                 for service in changed {
                     let keys: Vec<ServicePortName> = self
                         .fragments
@@ -423,32 +423,52 @@ impl Renderer {
                         .collect();
                     for k in keys {
                         if let Some(f) = self.fragments.remove(&k) {
-                            touched |= f != PortFragment::default();
-                            old_chains.extend(f.chains);
+                            old.insert(k, f);
                         }
                     }
                 }
-                let mut ports = Vec::new();
+                let mut new_ports = Vec::new();
                 for service in changed {
                     for (name, st) in snap.ports_of(service) {
                         let f = render_port(&self.cfg, &snap.node, st, comments);
-                        touched |= f != PortFragment::default();
-                        for c in &f.chains {
-                            old_chains.remove(c);
+                        // A port whose rules did not change needs nothing in the kernel.
+                        if old.get(name) == Some(&f) {
+                            old.remove(name);
+                        } else {
+                            new_ports.push(name);
                         }
                         self.fragments.insert(name.clone(), f);
-                        ports.push(name);
+                    }
+                }
+                let new_frags: Vec<&PortFragment> = new_ports
+                    .iter()
+                    .filter_map(|k| self.fragments.get(*k))
+                    .collect();
+                let mut old_chains: BTreeSet<String> = old
+                    .values()
+                    .flat_map(|f| f.chains.iter().cloned())
+                    .collect();
+                for f in &new_frags {
+                    for c in &f.chains {
+                        old_chains.remove(c);
                     }
                 }
                 stale = old_chains;
-                out.noop = !touched;
-                ports
+                let old_frags: Vec<&PortFragment> = old.values().collect();
+                delta = SharedDelta::between(&old_frags, &new_frags);
+                out.noop = delta.is_empty()
+                    && new_frags.iter().all(|f| f.chains.is_empty())
+                    && stale.is_empty();
+                new_ports
             }
         };
         self.cached_for = Some(cache_key);
 
-        let sections = self.assemble(&changed_ports, &stale);
-        out.text = sections;
+        out.text = if out.full {
+            self.assemble(&changed_ports, &stale)
+        } else {
+            self.assemble_partial(&changed_ports, &stale, &delta)
+        };
         out.chains_written = changed_ports
             .iter()
             .filter_map(|p| self.fragments.get(*p))
@@ -575,6 +595,63 @@ impl Renderer {
         s
     }
 
+    /// A partial batch: the changed ports' own chains rewritten, and only the changed lines
+    /// of the shared chains deleted (`-D`) or added (`-A`, or `-I … 1` in nat KUBE-SERVICES
+    /// so the node-ports rule stays last). The shared chains are never flushed: rewriting
+    /// KUBE-SERVICES would name every service chain, which iptables-nft handles in time
+    /// quadratic in the number of services (see `hack/NOFLUSH-STUDY.md`).
+    fn assemble_partial(
+        &self,
+        written: &[&ServicePortName],
+        stale: &BTreeSet<String>,
+        delta: &SharedDelta,
+    ) -> String {
+        let mut s = String::new();
+        let jumps = self
+            .pending_jumps
+            .clone()
+            .unwrap_or_else(|| self.applicable_jumps());
+        let filter_jumps = jumps.iter().any(|j| j.table == "filter");
+        if !delta.filter.is_empty() || filter_jumps {
+            s.push_str("*filter\n");
+            self.write_partial_jumps(&mut s, &jumps, "filter");
+            s.push_str(&delta.filter);
+            s.push_str("COMMIT\n");
+        }
+        s.push_str("*nat\n");
+        for k in written {
+            if let Some(f) = self.fragments.get(*k) {
+                for c in &f.chains {
+                    declare(&mut s, c);
+                }
+            }
+        }
+        for c in stale {
+            declare(&mut s, c);
+        }
+        self.write_partial_jumps(&mut s, &jumps, "nat");
+        s.push_str(&delta.nat_delete);
+        s.push_str(&delta.nat_add);
+        for k in written {
+            if let Some(f) = self.fragments.get(*k) {
+                s.push_str(&f.chain_rules);
+            }
+        }
+        for c in stale {
+            s.push_str("-X ");
+            s.push_str(c);
+            s.push('\n');
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    fn write_partial_jumps(&self, s: &mut String, jumps: &[JumpRule], table: &str) {
+        for j in jumps.iter().filter(|j| j.table == table) {
+            s.push_str(&format!("-I {} 1 {}\n", j.from, j.args()));
+        }
+    }
+
     fn write_jumps(&self, s: &mut String, table: &str) {
         let jumps = match &self.pending_jumps {
             Some(j) => j.clone(),
@@ -608,6 +685,78 @@ impl Renderer {
                 }
             }
         }
+    }
+}
+
+/// Line-level changes of the shared chains between old and new fragments.
+#[derive(Debug, Default)]
+struct SharedDelta {
+    /// filter: `-D` lines, then `-A` lines.
+    filter: String,
+    /// nat: `-D` lines (before any `-X` of the chains they jump to).
+    nat_delete: String,
+    /// nat: `-A` lines, and `-I KUBE-SERVICES 1` for KUBE-SERVICES.
+    nat_add: String,
+}
+
+impl SharedDelta {
+    fn between(old: &[&PortFragment], new: &[&PortFragment]) -> SharedDelta {
+        fn lines<'a>(frags: &[&'a PortFragment], nat: bool) -> HashSet<&'a str> {
+            frags
+                .iter()
+                .flat_map(|f| {
+                    let parts: [&'a str; 4] = if nat {
+                        [&f.nat_services, &f.nat_nodeports, "", ""]
+                    } else {
+                        [
+                            &f.filter_services,
+                            &f.filter_external,
+                            &f.filter_nodeports,
+                            &f.filter_firewall,
+                        ]
+                    };
+                    parts.into_iter().flat_map(str::lines)
+                })
+                .collect()
+        }
+        let mut d = SharedDelta::default();
+        for nat in [false, true] {
+            let (old_lines, new_lines) = (lines(old, nat), lines(new, nat));
+            let mut removed: Vec<&str> = old_lines.difference(&new_lines).copied().collect();
+            let mut added: Vec<&str> = new_lines.difference(&old_lines).copied().collect();
+            removed.sort_unstable();
+            added.sort_unstable();
+            let (del_buf, add_buf) = if nat {
+                (&mut d.nat_delete, &mut d.nat_add)
+            } else {
+                (&mut d.filter, &mut String::new())
+            };
+            for l in &removed {
+                del_buf.push_str("-D");
+                del_buf.push_str(&l[2..]);
+                del_buf.push('\n');
+            }
+            let mut filter_adds = String::new();
+            let add_buf: &mut String = if nat { add_buf } else { &mut filter_adds };
+            for l in &added {
+                match l.strip_prefix("-A KUBE-SERVICES ") {
+                    Some(rest) if nat => {
+                        add_buf.push_str("-I KUBE-SERVICES 1 ");
+                        add_buf.push_str(rest);
+                    }
+                    _ => add_buf.push_str(l),
+                }
+                add_buf.push('\n');
+            }
+            if !nat {
+                d.filter.push_str(&filter_adds);
+            }
+        }
+        d
+    }
+
+    fn is_empty(&self) -> bool {
+        self.filter.is_empty() && self.nat_delete.is_empty() && self.nat_add.is_empty()
     }
 }
 
