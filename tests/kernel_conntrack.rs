@@ -39,19 +39,8 @@ const FEW: usize = 20;
 const CLIENT_MAC: &str = "02:00:00:00:00:01";
 const NODE_MAC: &str = "02:00:00:00:00:02";
 
-/// Runs `f` on a thread that has entered `ns`'s network namespace (sockets it creates stay
-/// in that namespace); the test's own thread never leaves the namespace it started in.
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
+    ns.enter(f)
 }
 
 /// The two namespaces plus the sockets that must live as long as the flows are checked.

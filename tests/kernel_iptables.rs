@@ -231,3 +231,61 @@ fn partial_renders_converge_in_the_kernel() {
         1
     );
 }
+
+/// Full syncs on iptables-nft carry a `-S` prelude that makes iptables-restore print the
+/// whole table. Over a table larger than a pipe buffer that output must not block the
+/// restore (it once could: stdout was a pipe nobody read while the batch was written).
+#[test]
+fn bulk_restores_over_a_large_table_finish() {
+    use std::sync::mpsc;
+    use svcproxy::dataplane::iptables::edge::{IptablesEdge, ProcessEdge, Variant};
+    if !kernel_tests_possible("bulk_restores_over_a_large_table_finish") {
+        return;
+    }
+    let names: Vec<String> = (0..400).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut tracker = common::builders::tracker_with(&refs);
+    let (snap, _) = tracker.drain();
+    let mut renderer = Renderer::new(RenderConfig::default());
+    let text = renderer
+        .render(
+            &snap,
+            Scope::Full {
+                existing: &BTreeSet::new(),
+            },
+        )
+        .text;
+    renderer.set_insert_jumps(false);
+    let again = renderer
+        .render(
+            &snap,
+            Scope::Full {
+                existing: &BTreeSet::new(),
+            },
+        )
+        .text;
+
+    let ns = Netns::new("bulk");
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let result = ns.enter(|| {
+                let mut edge = ProcessEdge::new(Variant::Nft);
+                edge.restore(IpFamily::V4, &text, true)?;
+                edge.restore(IpFamily::V4, &again, true)
+            });
+            let _ = tx.send(result.map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("bulk restore hung (stdout pipe deadlock?)");
+        result.expect("bulk restore failed");
+    });
+    let save = ns.ok(&["iptables-save", "-t", "nat"]);
+    assert!(
+        save.len() > 64 * 1024,
+        "the table must exceed a pipe buffer: {} bytes",
+        save.len()
+    );
+    assert_eq!(save.matches(":KUBE-SVC-").count(), 400);
+}

@@ -15,7 +15,7 @@ use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use super::files::{self, Object};
-use super::{apply_object, delete_object};
+use super::{ObjectRef, apply_object, delete_ref};
 use crate::model::ChangeTracker;
 use crate::sync::SyncTrigger;
 
@@ -59,13 +59,14 @@ fn key(obj: &Object) -> Key {
     )
 }
 
-/// The directory's objects, per file, and how they reach the tracker.
+/// The directory's objects (identities only: whole objects are parsed, applied and dropped;
+/// keeping them would cost ~6 KB per service), per file, and how they reach the tracker.
 struct DirState {
     dir: PathBuf,
     node_name: String,
     tracker: Arc<Mutex<ChangeTracker>>,
     trigger: SyncTrigger,
-    files: HashMap<PathBuf, BTreeMap<Key, Object>>,
+    files: HashMap<PathBuf, BTreeMap<Key, Option<ObjectRef>>>,
 }
 
 impl DirState {
@@ -77,6 +78,15 @@ impl DirState {
             .filter(|(_, objs)| objs.contains_key(key))
             .map(|(p, _)| p)
             .max()
+    }
+
+    /// Reads one object of `file` again (when a duplicate's owner changes, which is rare).
+    fn read_object(file: &Path, k: &Key) -> Option<Object> {
+        files::load_file(file)
+            .ok()?
+            .objects
+            .into_iter()
+            .find(|o| key(o) == *k)
     }
 
     /// Replaces the objects of `path` with what the file holds now; returns whether the
@@ -100,7 +110,11 @@ impl DirState {
         };
         let old = self.files.remove(path).unwrap_or_default();
         if !new.is_empty() {
-            self.files.insert(path.to_path_buf(), new.clone());
+            let refs = new
+                .iter()
+                .map(|(k, o)| (k.clone(), o.object_ref()))
+                .collect();
+            self.files.insert(path.to_path_buf(), refs);
         }
         let mut keys: Vec<&Key> = old.keys().chain(new.keys()).collect();
         keys.sort();
@@ -108,22 +122,29 @@ impl DirState {
         let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
         for k in keys {
-            match self.owner(k) {
-                Some(owner) => {
-                    let obj = &self.files[owner][k];
-                    if owner.as_path() != path && new.contains_key(k) {
-                        tracing::warn!(object = ?k, used = %owner.display(), ignored = %path.display(), "object defined in two files");
-                    }
-                    match apply_object(&mut tracker, &self.node_name, obj) {
-                        Ok(c) => changed |= c,
-                        Err(e) => {
-                            tracing::warn!(file = %owner.display(), error = %e, "skipping object that cannot be proxied")
-                        }
-                    }
+            let owner = self.owner(k).cloned();
+            let obj = match &owner {
+                Some(o) if o.as_path() == path => new.get(k).cloned(),
+                Some(o) if new.contains_key(k) => {
+                    tracing::warn!(object = ?k, used = %o.display(), ignored = %path.display(), "object defined in two files");
+                    None
                 }
+                // This file defined it and no longer does (or lost ownership): the owner's
+                // version applies again.
+                Some(o) if o.as_path() < path => Self::read_object(o, k),
+                Some(_) => None,
                 None => {
-                    if let Some(obj) = old.get(k) {
-                        changed |= delete_object(&mut tracker, &self.node_name, obj);
+                    if let Some(Some(r)) = old.get(k) {
+                        changed |= delete_ref(&mut tracker, &self.node_name, r);
+                    }
+                    None
+                }
+            };
+            if let Some(obj) = obj {
+                match apply_object(&mut tracker, &self.node_name, &obj) {
+                    Ok(c) => changed |= c,
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "skipping object that cannot be proxied")
                     }
                 }
             }

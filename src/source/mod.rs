@@ -44,27 +44,66 @@ pub fn apply_object(
     }
 }
 
+/// What identifies an object in the tracker: enough to delete it, nothing more (sources
+/// keep these instead of whole objects).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ObjectRef {
+    /// A Service.
+    Service(ServiceName),
+    /// An EndpointSlice of `service`.
+    EndpointSlice {
+        /// The Service it belongs to.
+        service: ServiceName,
+        /// The slice's name.
+        name: String,
+    },
+    /// A Node.
+    Node(String),
+}
+
+impl Object {
+    /// The tracker identity of this object, if it has the fields that make one.
+    pub fn object_ref(&self) -> Option<ObjectRef> {
+        match self {
+            Object::Service(svc) => {
+                let (ns, name) = (
+                    svc.metadata.namespace.as_ref()?,
+                    svc.metadata.name.as_ref()?,
+                );
+                Some(ObjectRef::Service(ServiceName::new(ns, name)))
+            }
+            Object::EndpointSlice(slice) => {
+                let labels = slice.metadata.labels.as_ref();
+                let service = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL))?;
+                let (ns, name) = (
+                    slice.metadata.namespace.as_ref()?,
+                    slice.metadata.name.as_ref()?,
+                );
+                Some(ObjectRef::EndpointSlice {
+                    service: ServiceName::new(ns, service),
+                    name: name.clone(),
+                })
+            }
+            Object::Node(node) => Some(ObjectRef::Node(node.metadata.name.clone()?)),
+        }
+    }
+}
+
 /// Removes a deleted object from the tracker. Returns whether anything is now pending.
 pub fn delete_object(tracker: &mut ChangeTracker, node_name: &str, obj: &Object) -> bool {
-    match obj {
-        Object::Service(svc) => {
-            let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
-                return false;
-            };
-            tracker.update_service(ServiceName::new(ns, name), None)
+    obj.object_ref()
+        .is_some_and(|r| delete_ref(tracker, node_name, &r))
+}
+
+/// Removes the object `r` names from the tracker. Returns whether anything is now pending.
+pub fn delete_ref(tracker: &mut ChangeTracker, node_name: &str, r: &ObjectRef) -> bool {
+    match r {
+        ObjectRef::Service(name) => tracker.update_service(name.clone(), None),
+        ObjectRef::EndpointSlice { service, name } => {
+            tracker.update_slice(service.clone(), name.clone(), None)
         }
-        Object::EndpointSlice(slice) => {
-            let labels = slice.metadata.labels.as_ref();
-            let service = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL));
-            let (Some(ns), Some(name), Some(service)) =
-                (&slice.metadata.namespace, &slice.metadata.name, service)
-            else {
-                return false;
-            };
-            tracker.update_slice(ServiceName::new(ns, service), name.clone(), None)
-        }
-        Object::Node(node) => {
-            if node.metadata.name.as_deref() != Some(node_name) {
+        ObjectRef::Node(name) => {
+            if name != node_name {
                 return false;
             }
             let mut info = tracker.node().clone();

@@ -57,7 +57,8 @@ pub fn slice(svc: &str, ips: &[&str]) -> SliceInfo {
     }
 }
 
-/// A tracker for node "node" holding services `names` on 10.96.0.(i+1):80, two endpoints each.
+/// A tracker for node "node" holding services `names` on 10.96.x.y:80 (the i-th service at
+/// 10.96.0.(i+1) for the first 250), two endpoints each.
 pub fn tracker_with(names: &[&str]) -> ChangeTracker {
     let mut tracker = ChangeTracker::new(NodeInfo {
         name: "node".into(),
@@ -66,12 +67,19 @@ pub fn tracker_with(names: &[&str]) -> ChangeTracker {
     for (i, svc) in names.iter().enumerate() {
         tracker.update_service(
             ServiceName::new("ns", *svc),
-            Some(vec![service(svc, &format!("10.96.0.{}", i + 1), 80)]),
+            Some(vec![service(
+                svc,
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                80,
+            )]),
         );
         set_endpoints(
             &mut tracker,
             svc,
-            &[&format!("10.244.{i}.1"), &format!("10.244.{i}.2")],
+            &[
+                &format!("10.{}.{}.1", 244 + i / 250, i % 250),
+                &format!("10.{}.{}.2", 244 + i / 250, i % 250),
+            ],
         );
     }
     tracker

@@ -99,6 +99,24 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs `f` on a thread that has entered this network namespace (processes it spawns
+    /// and sockets it opens live there); the test's own thread never leaves its namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use nix::sched::{CloneFlags, setns};
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

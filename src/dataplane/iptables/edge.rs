@@ -160,35 +160,43 @@ fn builtin_chains(table: &str) -> &'static [&'static str] {
 /// Returns the shaped batch and, for error messages, the input line numbers after which
 /// prelude lines were inserted (with how many).
 pub fn with_cache_prelude(input: &str) -> (String, Vec<(usize, usize)>) {
-    let lines: Vec<&str> = input.lines().collect();
-    let mut out = String::with_capacity(input.len() + 512);
+    let (parts, inserted) = cache_prelude_parts(input);
+    (parts.concat(), inserted)
+}
+
+/// [`with_cache_prelude`] without copying the batch: the pieces to write in order (slices of
+/// `input` and the prelude lines), so a full sync does not hold a second copy of its batch.
+pub fn cache_prelude_parts(input: &str) -> (Vec<std::borrow::Cow<'_, str>>, Vec<(usize, usize)>) {
+    use std::borrow::Cow;
+    let mut parts: Vec<Cow<'_, str>> = Vec::new();
     let mut inserted = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        out.push_str(line);
-        out.push('\n');
-        if let Some(table) = line.strip_prefix('*') {
-            let end = lines[i..]
-                .iter()
-                .position(|l| *l == "COMMIT")
-                .map_or(lines.len(), |p| i + p);
-            let written: Vec<&str> = builtin_chains(table)
-                .iter()
-                .copied()
-                .filter(|b| {
-                    lines[i..end].iter().any(|l| {
-                        let mut w = l.split_whitespace();
-                        matches!(w.next(), Some("-A" | "-I" | "-D")) && w.next() == Some(b)
-                    })
-                })
-                .collect();
-            for b in &written {
-                out.push_str(&format!(":{b} - [0:0]\n"));
+    let mut copied_to = 0;
+    let mut offset = 0;
+    for (i, line) in input.split_inclusive('\n').enumerate() {
+        offset += line.len();
+        let Some(table) = line.trim_end().strip_prefix('*') else {
+            continue;
+        };
+        let block = &input[offset..];
+        let block = &block[..block.find("\nCOMMIT").map_or(block.len(), |p| p + 1)];
+        let mut prelude = String::new();
+        for b in builtin_chains(table) {
+            let writes = block.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                matches!(w.next(), Some("-A" | "-I" | "-D")) && w.next() == Some(b)
+            });
+            if writes {
+                prelude.push_str(&format!(":{b} - [0:0]\n"));
             }
-            out.push_str("-S\n");
-            inserted.push((i + 1, written.len() + 1));
         }
+        prelude.push_str("-S\n");
+        parts.push(Cow::Borrowed(&input[copied_to..offset]));
+        inserted.push((i + 1, prelude.lines().count()));
+        parts.push(Cow::Owned(prelude));
+        copied_to = offset;
     }
-    (out, inserted)
+    parts.push(Cow::Borrowed(&input[copied_to..]));
+    (parts, inserted)
 }
 
 /// Whether an iptables-restore error names one of the prelude's lines (1-based).
@@ -238,10 +246,13 @@ fn unshift_line_numbers(stderr: &str, inserted: &[(usize, usize)]) -> String {
     out
 }
 
+/// Runs a tool, feeding it `stdin` piece by piece. A tool fed on stdin has its stdout
+/// discarded: nothing reads it while we write, and a large listing (the `-S` prelude prints
+/// the whole table) would fill the pipe and deadlock both sides.
 fn run(
     tool: &str,
     args: &[&str],
-    stdin: Option<&str>,
+    stdin: Option<&[std::borrow::Cow<'_, str>]>,
 ) -> Result<std::process::Output, BackendError> {
     let spawn = |source| BackendError::Spawn {
         tool: tool.to_string(),
@@ -254,14 +265,22 @@ fn run(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::piped())
+        .stdout(if stdin.is_some() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn)?;
-    if let Some(input) = stdin {
+    if let Some(parts) = stdin {
         let mut pipe = child.stdin.take().expect("piped stdin");
         // A failed write shows up as the tool's own error below.
-        let _ = pipe.write_all(input.as_bytes());
+        for part in parts {
+            if pipe.write_all(part.as_bytes()).is_err() {
+                break;
+            }
+        }
     }
     child.wait_with_output().map_err(spawn)
 }
@@ -284,8 +303,8 @@ impl IptablesEdge for ProcessEdge {
         let tool = self.variant.binary(family, "restore");
         let args = ["--noflush", "--wait"];
         if bulk && self.prelude && self.variant == Variant::Nft {
-            let (shaped, inserted) = with_cache_prelude(input);
-            let out = run(&tool, &args, Some(&shaped))?;
+            let (parts, inserted) = cache_prelude_parts(input);
+            let out = run(&tool, &args, Some(&parts))?;
             if out.status.success() {
                 return Ok(());
             }
@@ -301,7 +320,7 @@ impl IptablesEdge for ProcessEdge {
             tracing::warn!(error = %stderr.trim(), "iptables-restore rejected the -S cache prelude; not using it again");
             self.prelude = false;
         }
-        let out = run(&tool, &args, Some(input))?;
+        let out = run(&tool, &args, Some(&[std::borrow::Cow::Borrowed(input)]))?;
         if out.status.success() {
             Ok(())
         } else {
