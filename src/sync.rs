@@ -264,6 +264,7 @@ impl SyncRunner {
                         written = stats.objects_written,
                         deleted = stats.objects_deleted,
                         services_changed = changes.services.len(),
+                        kernel_ms = stats.kernel_time.as_secs_f64() * 1e3,
                         elapsed_ms = duration.as_secs_f64() * 1e3,
                         "synced rules"
                     );

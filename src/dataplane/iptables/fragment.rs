@@ -444,6 +444,9 @@ pub fn render_port(
             .end();
     }
     f.chains.extend(endpoints.into_iter().map(|t| t.chain));
+    // Fragments live in the cache until their service changes: keep no slack.
+    f.chain_rules.shrink_to_fit();
+    f.chains.shrink_to_fit();
     f
 }
 
