@@ -10,13 +10,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Netns, kernel_tests_possible};
-use nix::sched::{CloneFlags, setns};
 use svcproxy::conntrack::{
     ConntrackError, ConntrackTable, IPPROTO_UDP, NetlinkConntrack, cleanup_stale_flows,
 };
@@ -38,10 +36,6 @@ const FEW: usize = 20;
 
 const CLIENT_MAC: &str = "02:00:00:00:00:01";
 const NODE_MAC: &str = "02:00:00:00:00:02";
-
-fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    ns.enter(f)
-}
 
 /// The two namespaces plus the sockets that must live as long as the flows are checked.
 struct Topology {
@@ -187,7 +181,7 @@ fn setup(tag: &str) -> Topology {
     // default/late (10.96.0.30): no rule at all, as before its first endpoint appeared.
 
     // Dual-stack listeners, so datagrams are consumed instead of answered with ICMP errors.
-    let (listeners, tcp_listener) = in_netns(&node, || {
+    let (listeners, tcp_listener) = node.enter(|| {
         let udp = ["[::]:5353", "[::]:53", "[::]:9999"]
             .into_iter()
             .map(|a| UdpSocket::bind(a).unwrap_or_else(|e| panic!("bind udp {a}: {e}")))
@@ -382,7 +376,7 @@ fn stale_udp_flows_are_deleted_and_the_rest_kept() {
     init_tracing();
     let topo = setup("ct");
     let bulk = bulk();
-    let _tcp: TcpStream = in_netns(&topo.client, || {
+    let _tcp: TcpStream = topo.client.enter(|| {
         send_udp("10.96.0.10:53", bulk);
         send_udp("10.96.0.11:53", bulk);
         send_udp("10.96.0.30:53", FEW);
@@ -417,7 +411,7 @@ fn stale_udp_flows_are_deleted_and_the_rest_kept() {
     assert_eq!(before, all, "conntrack entries before the cleanup");
 
     let snap = snapshot();
-    let (v4, v6, t4, t6, (noop, t_noop)) = in_netns(&topo.node, || {
+    let (v4, v6, t4, t6, (noop, t_noop)) = topo.node.enter(|| {
         let mut table = NetlinkConntrack::new().expect("open ctnetlink");
         let start = Instant::now();
         let v4 = cleanup_stale_flows(&mut table, &snap, IpFamily::V4).expect("v4 cleanup");
@@ -461,7 +455,7 @@ fn deletes_are_exact_and_report_missing_entries() {
     }
     init_tracing();
     let topo = setup("ctid");
-    let client = in_netns(&topo.client, || {
+    let client = topo.client.enter(|| {
         let socket = UdpSocket::bind("10.200.0.1:45000").expect("bind client");
         socket.send_to(b"one", "10.96.0.11:53").expect("send");
         socket
@@ -471,9 +465,9 @@ fn deletes_are_exact_and_report_missing_entries() {
     assert_eq!(wait_for(&topo.node, &want), want);
 
     // The socket is created in the node namespace and keeps working from this thread.
-    let mut table = in_netns(&topo.node, || {
-        NetlinkConntrack::new().expect("open ctnetlink")
-    });
+    let mut table = topo
+        .node
+        .enter(|| NetlinkConntrack::new().expect("open ctnetlink"));
     let dumped = table.dump(IpFamily::V4, IPPROTO_UDP).expect("dump");
     assert_eq!(dumped.len(), 1, "{dumped:?}");
     let flow = dumped.into_iter().next().unwrap();
