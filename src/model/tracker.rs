@@ -224,13 +224,36 @@ fn rebuild_service(
 
 /// Merges a service's slices into endpoints per service port: deduplicated by `ip:port`
 /// (a ready copy wins over a not-ready one) and sorted by `ip:port` text as upstream does.
+///
+/// A service has a handful of ports, so ports are found by a linear scan rather than by
+/// hashing three strings per endpoint.
 pub fn merge_slices(
     slices: Option<&BTreeMap<String, SliceInfo>>,
 ) -> HashMap<ServicePortName, Vec<Endpoint>> {
-    let mut by_port: HashMap<ServicePortName, Vec<(String, Endpoint)>> = HashMap::new();
+    let mut by_port: Vec<(ServicePortName, Vec<(String, Endpoint)>)> = Vec::new();
     for slice in slices.into_iter().flat_map(|s| s.values()) {
-        for (spn, ep) in slice.port_endpoints() {
-            by_port.entry(spn).or_default().push((ep.addr_string(), ep));
+        for p in &slice.ports {
+            let idx = match by_port
+                .iter()
+                .position(|(k, _)| k.port == p.name && k.protocol == p.protocol)
+            {
+                Some(i) => i,
+                None => {
+                    let spn = ServicePortName {
+                        service: slice.service.clone(),
+                        port: p.name.clone(),
+                        protocol: p.protocol,
+                    };
+                    by_port.push((spn, Vec::with_capacity(slice.endpoints.len())));
+                    by_port.len() - 1
+                }
+            };
+            let eps = &mut by_port[idx].1;
+            for e in &slice.endpoints {
+                let mut e = e.clone();
+                e.port = p.port;
+                eps.push((e.addr_string(), e));
+            }
         }
     }
     by_port

@@ -502,7 +502,7 @@ impl Renderer {
             + written
                 .iter()
                 .filter_map(|k| self.fragments.get(*k))
-                .map(|f| f.chain_rules.len() + f.chains.len() * 24)
+                .map(|f| f.chain_rules.len() + f.chains.len() * 40)
                 .sum::<usize>();
         let mut s = String::with_capacity(size + 4096);
 
