@@ -18,3 +18,6 @@ if [ -n "$leftover" ]; then
   echo "tests left network namespaces behind: $leftover" >&2
   exit 1
 fi
+# One closing line over every test binary (the last cargo line is the doc-test run).
+grep -E '^test result:' /tmp/svcproxy-test.log \
+  | awk '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}'
