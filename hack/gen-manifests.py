@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("-e", "--endpoints", type=int, default=5)
     ap.add_argument("-o", "--out", required=True, help="output directory (created; old gen-*.yaml removed)")
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--per-file", type=int, default=500, help="services per file (svcproxy reads at most 1024 documents per file)")
+    ap.add_argument("--per-file", type=int, default=500, help="services per file (default 500; any size works, smaller files reload faster on edits)")
     a = ap.parse_args()
     if a.services < 0 or a.endpoints < 0 or a.nodes < 1 or a.per_file < 1:
         ap.error("counts must be positive")
