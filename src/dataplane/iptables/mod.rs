@@ -517,7 +517,8 @@ impl Renderer {
             declare(&mut s, c);
         }
         declare(&mut s, KUBE_PROXY_CANARY);
-        self.write_jumps(&mut s, "filter");
+        self.insert_jumps(&mut s, "filter");
+        s.push_str(&format!("-A {KUBE_PROXY_CANARY} {CANARY_RULE}\n"));
         for f in &ordered {
             s.push_str(&f.filter_nodeports);
         }
@@ -552,18 +553,10 @@ impl Renderer {
         ] {
             declare(&mut s, c);
         }
-        for k in written {
-            if let Some(f) = self.fragments.get(*k) {
-                for c in &f.chains {
-                    declare(&mut s, c);
-                }
-            }
-        }
-        for c in stale {
-            declare(&mut s, c);
-        }
+        self.declare_port_chains(&mut s, written, stale);
         declare(&mut s, KUBE_PROXY_CANARY);
-        self.write_jumps(&mut s, "nat");
+        self.insert_jumps(&mut s, "nat");
+        s.push_str(&format!("-A {KUBE_PROXY_CANARY} {CANARY_RULE}\n"));
         for f in &ordered {
             s.push_str(&f.nat_services);
         }
@@ -581,16 +574,7 @@ impl Renderer {
         }
         s.push('\n');
         s.push_str(&format!("-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"));
-        for k in written {
-            if let Some(f) = self.fragments.get(*k) {
-                s.push_str(&f.chain_rules);
-            }
-        }
-        for c in stale {
-            s.push_str("-X ");
-            s.push_str(c);
-            s.push('\n');
-        }
+        self.write_port_chains(&mut s, written, stale);
         s.push_str("COMMIT\n");
         s
     }
@@ -607,60 +591,71 @@ impl Renderer {
         delta: &SharedDelta,
     ) -> String {
         let mut s = String::new();
-        let jumps = self
-            .pending_jumps
-            .clone()
-            .unwrap_or_else(|| self.applicable_jumps());
-        let filter_jumps = jumps.iter().any(|j| j.table == "filter");
+        let filter_jumps = self.jumps_to_insert().iter().any(|j| j.table == "filter");
         if !delta.filter.is_empty() || filter_jumps {
             s.push_str("*filter\n");
-            self.write_partial_jumps(&mut s, &jumps, "filter");
+            self.insert_jumps(&mut s, "filter");
             s.push_str(&delta.filter);
             s.push_str("COMMIT\n");
         }
         s.push_str("*nat\n");
-        for k in written {
-            if let Some(f) = self.fragments.get(*k) {
-                for c in &f.chains {
-                    declare(&mut s, c);
-                }
-            }
-        }
-        for c in stale {
-            declare(&mut s, c);
-        }
-        self.write_partial_jumps(&mut s, &jumps, "nat");
+        self.declare_port_chains(&mut s, written, stale);
+        self.insert_jumps(&mut s, "nat");
         s.push_str(&delta.nat_delete);
         s.push_str(&delta.nat_add);
-        for k in written {
-            if let Some(f) = self.fragments.get(*k) {
-                s.push_str(&f.chain_rules);
-            }
+        self.write_port_chains(&mut s, written, stale);
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// Declares (creates or flushes) the chains of the written ports and the stale chains.
+    fn declare_port_chains(
+        &self,
+        s: &mut String,
+        written: &[&ServicePortName],
+        stale: &BTreeSet<String>,
+    ) {
+        for c in written
+            .iter()
+            .filter_map(|k| self.fragments.get(*k))
+            .flat_map(|f| &f.chains)
+        {
+            declare(s, c);
+        }
+        for c in stale {
+            declare(s, c);
+        }
+    }
+
+    /// Fills the written ports' chains and deletes the stale ones.
+    fn write_port_chains(
+        &self,
+        s: &mut String,
+        written: &[&ServicePortName],
+        stale: &BTreeSet<String>,
+    ) {
+        for f in written.iter().filter_map(|k| self.fragments.get(*k)) {
+            s.push_str(&f.chain_rules);
         }
         for c in stale {
             s.push_str("-X ");
             s.push_str(c);
             s.push('\n');
         }
-        s.push_str("COMMIT\n");
-        s
     }
 
-    fn write_partial_jumps(&self, s: &mut String, jumps: &[JumpRule], table: &str) {
-        for j in jumps.iter().filter(|j| j.table == table) {
-            s.push_str(&format!("-I {} 1 {}\n", j.from, j.args()));
-        }
+    /// The jump rules the next batch inserts: those missing in the kernel, or all on a
+    /// fresh node.
+    fn jumps_to_insert(&self) -> Vec<JumpRule> {
+        self.pending_jumps
+            .clone()
+            .unwrap_or_else(|| self.applicable_jumps())
     }
 
-    fn write_jumps(&self, s: &mut String, table: &str) {
-        let jumps = match &self.pending_jumps {
-            Some(j) => j.clone(),
-            None => self.applicable_jumps(),
-        };
-        for j in jumps.iter().filter(|j| j.table == table) {
+    fn insert_jumps(&self, s: &mut String, table: &str) {
+        for j in self.jumps_to_insert().iter().filter(|j| j.table == table) {
             s.push_str(&format!("-I {} 1 {}\n", j.from, j.args()));
         }
-        s.push_str(&format!("-A {KUBE_PROXY_CANARY} {CANARY_RULE}\n"));
     }
 
     fn write_nodeports_jump(&self, s: &mut String, localnet: bool) {
