@@ -191,57 +191,35 @@ pub fn render_port(
             .jump(target),
     }
 
-    // External IPs.
+    // External IPs and load-balancer IPs.
+    let dest = |ip: &str| format!("{m_proto} -d {ip} {dport}");
     for ip in &external_ips {
         if sel.has_endpoints {
             line(&mut f.nat_services, KUBE_SERVICES)
                 .comment(&[&spn, " external IP"])
-                .arg(&m_proto)
-                .arg("-d")
-                .arg(ip)
-                .arg(&dport)
+                .arg(&dest(ip))
                 .jump(&ext_chain);
         }
-        if let Some((target, why)) = external_filter {
-            line(&mut f.filter_external, KUBE_EXTERNAL_SERVICES)
-                .comment(&[&spn, why])
-                .arg(&m_proto)
-                .arg("-d")
-                .arg(ip)
-                .arg(&dport)
-                .jump(target);
-        }
     }
-
-    // Load-balancer IPs.
     for ip in &lb_ips {
         if sel.has_endpoints {
             line(&mut f.nat_services, KUBE_SERVICES)
                 .comment(&[&spn, " loadbalancer IP"])
-                .arg(&m_proto)
-                .arg("-d")
-                .arg(ip)
-                .arg(&dport)
+                .arg(&dest(ip))
                 .jump(lb_chain);
         }
         if uses_fw_chain {
             line(&mut f.filter_firewall, KUBE_PROXY_FIREWALL)
                 .comment(&[&spn, " traffic not accepted by ", &fw_chain])
-                .arg(&m_proto)
-                .arg("-d")
-                .arg(ip)
-                .arg(&dport)
+                .arg(&dest(ip))
                 .jump("DROP");
         }
     }
     if let Some((target, why)) = external_filter {
-        for ip in &lb_ips {
+        for ip in external_ips.iter().chain(&lb_ips) {
             line(&mut f.filter_external, KUBE_EXTERNAL_SERVICES)
                 .comment(&[&spn, why])
-                .arg(&m_proto)
-                .arg("-d")
-                .arg(ip)
-                .arg(&dport)
+                .arg(&dest(ip))
                 .jump(target);
         }
     }
