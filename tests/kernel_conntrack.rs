@@ -288,15 +288,8 @@ fn ip(s: &str) -> IpAddr {
 
 fn endpoint(addr: &str) -> Endpoint {
     Endpoint {
-        ip: ip(addr),
-        port: 5353,
-        ready: true,
-        serving: true,
-        terminating: false,
         node_name: Some("node".into()),
-        zone: None,
-        zone_hints: Vec::new(),
-        node_hints: Vec::new(),
+        ..Endpoint::ready_at(ip(addr), 5353)
     }
 }
 

@@ -491,15 +491,8 @@ mod tests {
     /// A ready endpoint `addr:5353` on `node`.
     fn ep(addr: &str, node: &str) -> Endpoint {
         Endpoint {
-            ip: ip(addr),
-            port: 5353,
-            ready: true,
-            serving: true,
-            terminating: false,
             node_name: Some(node.into()),
-            zone: None,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            ..Endpoint::ready_at(ip(addr), 5353)
         }
     }
 

@@ -75,17 +75,7 @@ mod tests {
             format!("{SVC_PREFIX}{}", port_hash(&spn("p80"))),
             "KUBE-SVC-XPGD46QRK7WJZT7O"
         );
-        let ep = Endpoint {
-            ip: "10.180.0.1".parse().unwrap(),
-            port: 80,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-            zone: None,
-            zone_hints: vec![],
-            node_hints: vec![],
-        };
+        let ep = Endpoint::ready_at("10.180.0.1".parse().unwrap(), 80);
         assert_eq!(
             endpoint_chain("ns1/svc1:p80", "tcp", &ep.addr_string()),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"

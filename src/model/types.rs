@@ -173,6 +173,25 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A plain ClusterIP service port (no node port, external addresses, affinity or
+    /// policies); set the other fields with struct-update syntax.
+    pub fn cluster_ip(name: ServicePortName, ip: IpAddr, port: u16) -> Self {
+        ServicePort {
+            name,
+            port,
+            node_port: None,
+            cluster_ips: vec![ip],
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
+            session_affinity: SessionAffinity::None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            traffic_distribution: None,
+        }
+    }
+
     /// The cluster IP of `family`, if the service has one.
     pub fn cluster_ip_for(&self, family: IpFamily) -> Option<IpAddr> {
         self.cluster_ips
@@ -251,6 +270,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A ready, serving, non-terminating endpoint with no node, zone or hints; set the
+    /// other fields with struct-update syntax.
+    pub fn ready_at(ip: IpAddr, port: u16) -> Self {
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
+        }
+    }
+
     /// `ip:port` (`[ip]:port` for IPv6): the text upstream sorts, hashes and comments with.
     pub fn addr_string(&self) -> String {
         let mut s = String::with_capacity(24);
@@ -353,17 +388,7 @@ mod tests {
             push_ip(&mut s, &ip);
             assert_eq!(s, ip.to_string());
             for port in [1u16, 9, 10, 80, 8080, 65535] {
-                let ep = Endpoint {
-                    ip,
-                    port,
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                    node_name: None,
-                    zone: None,
-                    zone_hints: vec![],
-                    node_hints: vec![],
-                };
+                let ep = Endpoint::ready_at(ip, port);
                 assert_eq!(
                     ep.addr_string(),
                     std::net::SocketAddr::new(ip, port).to_string()

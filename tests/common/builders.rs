@@ -3,43 +3,23 @@
 use svcproxy::model::convert::{SliceInfo, SlicePort};
 use svcproxy::model::{
     ChangeTracker, Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
-    SessionAffinity,
 };
 
 /// A ClusterIP service port `ns/<name>:p` (TCP) on `ip:port`.
 pub fn service(name: &str, ip: &str, port: u16) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("ns", name),
-            port: "p".into(),
-            protocol: Protocol::Tcp,
-        },
-        port,
-        node_port: None,
-        cluster_ips: vec![ip.parse().unwrap()],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        traffic_distribution: None,
-    }
+    let name = ServicePortName {
+        service: ServiceName::new("ns", name),
+        port: "p".into(),
+        protocol: Protocol::Tcp,
+    };
+    ServicePort::cluster_ip(name, ip.parse().unwrap(), port)
 }
 
 /// A ready endpoint on node `node`.
 pub fn endpoint(ip: &str, node: &str) -> Endpoint {
     Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 0,
-        ready: true,
-        serving: true,
-        terminating: false,
         node_name: Some(node.into()),
-        zone: None,
-        zone_hints: vec![],
-        node_hints: vec![],
+        ..Endpoint::ready_at(ip.parse().unwrap(), 0)
     }
 }
 

@@ -3,9 +3,7 @@
 use std::net::IpAddr;
 
 use serde_json::{Value, json};
-use svcproxy::model::{
-    Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, SessionAffinity,
-};
+use svcproxy::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName};
 
 /// The node the proxy runs on in every test.
 pub const NODE: &str = "node-a";
@@ -46,34 +44,14 @@ pub fn service_port(
     protocol: Protocol,
     port: u16,
 ) -> ServicePort {
-    ServicePort {
-        name: spn(ns, name, port_name, protocol),
-        port,
-        node_port: None,
-        cluster_ips: vec![ip("10.96.0.10")],
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        load_balancer_source_ranges: Vec::new(),
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        traffic_distribution: None,
-    }
+    ServicePort::cluster_ip(spn(ns, name, port_name, protocol), ip("10.96.0.10"), port)
 }
 
 /// A ready, serving, non-terminating endpoint on port 80 of `node` (`""`: no nodeName).
 pub fn ep(addr: &str, node: &str) -> Endpoint {
     Endpoint {
-        ip: ip(addr),
-        port: 80,
-        ready: true,
-        serving: true,
-        terminating: false,
         node_name: (!node.is_empty()).then(|| node.into()),
-        zone: None,
-        zone_hints: Vec::new(),
-        node_hints: Vec::new(),
+        ..Endpoint::ready_at(ip(addr), 80)
     }
 }
 
