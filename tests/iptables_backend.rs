@@ -44,6 +44,16 @@ fn jump_count(edge: &FakeEdge, table: &str, chain: &str, target: &str) -> usize 
         .unwrap_or(0)
 }
 
+/// A tracker with `names` and a backend that has synced them once.
+fn synced(names: &[&str]) -> (svcproxy::model::ChangeTracker, IptablesBackend<FakeEdge>) {
+    let mut tracker = tracker_with(names);
+    let mut b = backend(FakeEdge::default());
+    let (snap, changes) = tracker.drain();
+    b.sync(&snap, &changes, false).unwrap();
+    drop(snap);
+    (tracker, b)
+}
+
 #[test]
 fn first_sync_full_then_partial_with_only_changed_chains() {
     let mut tracker = tracker_with(&["a", "b", "c"]);
@@ -87,11 +97,7 @@ fn first_sync_full_then_partial_with_only_changed_chains() {
 
 #[test]
 fn failed_partial_restore_falls_back_to_full() {
-    let mut tracker = tracker_with(&["a", "b"]);
-    let mut b = backend(FakeEdge::default());
-    let (snap, changes) = tracker.drain();
-    b.sync(&snap, &changes, false).unwrap();
-    drop(snap);
+    let (mut tracker, mut b) = synced(&["a", "b"]);
 
     tracker.update_service(ServiceName::new("ns", "a"), None);
     let (snap, changes) = tracker.drain();
@@ -114,11 +120,7 @@ fn failed_partial_restore_falls_back_to_full() {
 
 #[test]
 fn one_failed_partial_restore_is_replaced_by_a_full_one_in_the_same_sync() {
-    let mut tracker = tracker_with(&["a", "b"]);
-    let mut b = backend(FakeEdge::default());
-    let (snap, changes) = tracker.drain();
-    b.sync(&snap, &changes, false).unwrap();
-    drop(snap);
+    let (mut tracker, mut b) = synced(&["a", "b"]);
     set_endpoints(&mut tracker, "a", &["10.244.0.1"]);
     let (snap, changes) = tracker.drain();
     b.edge_mut().fail_next = 1;
@@ -135,11 +137,7 @@ fn one_failed_partial_restore_is_replaced_by_a_full_one_in_the_same_sync() {
 
 #[test]
 fn partial_failure_is_retried_as_full_in_the_same_sync() {
-    let mut tracker = tracker_with(&["a", "b"]);
-    let mut b = backend(FakeEdge::default());
-    let (snap, changes) = tracker.drain();
-    b.sync(&snap, &changes, false).unwrap();
-    drop(snap);
+    let (mut tracker, mut b) = synced(&["a", "b"]);
     // Someone deleted b's SEP chains behind our back: a partial restore that jumps to them fails.
     set_endpoints(&mut tracker, "a", &["10.244.0.1"]);
     let (snap, changes) = tracker.drain();
@@ -272,11 +270,7 @@ fn a_family_without_changes_is_not_rewritten() {
 
 #[test]
 fn partial_syncs_send_line_deltas_for_shared_chains() {
-    let mut tracker = tracker_with(&["a", "b"]);
-    let mut b = backend(FakeEdge::default());
-    let (snap, changes) = tracker.drain();
-    b.sync(&snap, &changes, false).unwrap();
-    drop(snap);
+    let (mut tracker, mut b) = synced(&["a", "b"]);
     // A new service and a removed one.
     tracker.update_service(ServiceName::new("ns", "a"), None);
     tracker.update_service(

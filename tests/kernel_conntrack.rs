@@ -20,7 +20,7 @@ use svcproxy::conntrack::{
 };
 use svcproxy::model::{
     Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
-    ServicePortState, SessionAffinity, Snapshot,
+    ServicePortState, Snapshot,
 };
 
 /// Flows to the service whose endpoint was removed, and to the one that is unchanged
@@ -294,23 +294,14 @@ fn endpoint(addr: &str) -> Endpoint {
 }
 
 fn service_port(name: &str, protocol: Protocol, cluster_ips: &[&str]) -> ServicePort {
+    let name = ServicePortName {
+        service: ServiceName::new("default", name),
+        port: protocol.as_str().into(),
+        protocol,
+    };
     ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("default", name),
-            port: protocol.as_str().into(),
-            protocol,
-        },
-        port: 53,
-        node_port: None,
         cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        load_balancer_source_ranges: Vec::new(),
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        traffic_distribution: None,
+        ..ServicePort::cluster_ip(name, ip(cluster_ips[0]), 53)
     }
 }
 

@@ -474,7 +474,6 @@ mod tests {
     use super::*;
     use crate::model::{
         Endpoint, NodeInfo, ServiceName, ServicePort, ServicePortName, ServicePortState,
-        SessionAffinity,
     };
 
     const NODE: &str = "node-a";
@@ -498,23 +497,14 @@ mod tests {
 
     /// `default/<name>:dns`, port 53, with the given cluster IPs.
     fn port(name: &str, protocol: Protocol, cluster_ips: &[&str]) -> ServicePort {
+        let name = ServicePortName {
+            service: ServiceName::new("default", name),
+            port: "dns".into(),
+            protocol,
+        };
         ServicePort {
-            name: ServicePortName {
-                service: ServiceName::new("default", name),
-                port: "dns".into(),
-                protocol,
-            },
-            port: 53,
-            node_port: None,
             cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            load_balancer_source_ranges: Vec::new(),
-            health_check_node_port: None,
-            session_affinity: SessionAffinity::None,
-            external_policy_local: false,
-            internal_policy_local: false,
-            traffic_distribution: None,
+            ..ServicePort::cluster_ip(name, ip(cluster_ips[0]), 53)
         }
     }
 
