@@ -124,12 +124,7 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     let probe = opts
         .flags
         .render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
-    if probe.localhost_node_ports
-        && matches!(
-            probe.node_port_addresses,
-            crate::dataplane::iptables::NodePortAddresses::All
-        )
-    {
+    if probe.serves_localhost_node_ports() {
         // Localhost NodePorts need route_localnet (set in this network namespace only).
         set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
     }

@@ -146,19 +146,19 @@ impl<E: IptablesEdge> IptablesBackend<E> {
             match result {
                 Ok(()) => {
                     st.renderer.set_insert_jumps(false);
-                    let chains = if rendered.full {
-                        st.renderer.desired_chains().map(String::from).collect()
-                    } else {
-                        let mut chains = st.kernel_chains.take().unwrap_or_default();
-                        for c in &rendered.chains_deleted {
-                            chains.remove(c);
-                        }
-                        chains.extend(rendered.chains_written.iter().cloned());
-                        chains
-                    };
-                    st.kernel_chains = Some(chains);
                     stats.full = rendered.full;
                     stats.objects_written += rendered.chains_written.len();
+                    // A full render wrote every chain, so its list is the whole mirror.
+                    let mut chains = if rendered.full {
+                        BTreeSet::new()
+                    } else {
+                        st.kernel_chains.take().unwrap_or_default()
+                    };
+                    for c in &rendered.chains_deleted {
+                        chains.remove(c);
+                    }
+                    chains.extend(rendered.chains_written);
+                    st.kernel_chains = Some(chains);
                     stats.objects_deleted += rendered.chains_deleted.len();
                     stats.no_local_internal += rendered.no_local_internal;
                     stats.no_local_external += rendered.no_local_external;

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use super::save::builtin_chains;
 use crate::dataplane::BackendError;
 use crate::model::IpFamily;
 
@@ -133,17 +134,6 @@ impl ProcessEdge {
             variant,
             prelude: true,
         }
-    }
-}
-
-/// Built-in chains per table.
-fn builtin_chains(table: &str) -> &'static [&'static str] {
-    match table {
-        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
-        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
-        "mangle" => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
-        "raw" => &["PREROUTING", "OUTPUT"],
-        _ => &[],
     }
 }
 

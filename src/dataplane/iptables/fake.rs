@@ -5,19 +5,14 @@
 use std::collections::BTreeMap;
 
 use super::edge::{IptablesEdge, Variant};
+use super::save::builtin_chains;
 use crate::dataplane::BackendError;
 use crate::model::IpFamily;
 
 type Table = BTreeMap<String, Vec<String>>;
 
-const BUILTIN: &[(&str, &[&str])] = &[
-    ("filter", &["INPUT", "FORWARD", "OUTPUT"]),
-    ("nat", &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]),
-    (
-        "mangle",
-        &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
-    ),
-];
+/// Tables the fake holds (each starts with its built-in chains).
+const TABLES: &[&str] = &["filter", "nat", "mangle"];
 
 const TARGETS: &[&str] = &[
     "ACCEPT",
@@ -48,8 +43,11 @@ impl Default for FakeEdge {
     fn default() -> Self {
         let mut tables = BTreeMap::new();
         for family in [IpFamily::V4, IpFamily::V6] {
-            for (name, chains) in BUILTIN {
-                let t: Table = chains.iter().map(|c| (c.to_string(), Vec::new())).collect();
+            for name in TABLES {
+                let t: Table = builtin_chains(name)
+                    .iter()
+                    .map(|c| (c.to_string(), Vec::new()))
+                    .collect();
                 tables.insert((family, name.to_string()), t);
             }
         }
@@ -64,9 +62,7 @@ impl Default for FakeEdge {
 }
 
 fn is_builtin(table: &str, chain: &str) -> bool {
-    BUILTIN
-        .iter()
-        .any(|(t, c)| *t == table && c.contains(&chain))
+    builtin_chains(table).contains(&chain)
 }
 
 fn fail(msg: String) -> BackendError {

@@ -101,8 +101,9 @@ impl RenderConfig {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }
 
-    /// Localhost node ports are served (IPv4 only, as upstream).
-    fn serves_localhost_node_ports(&self) -> bool {
+    /// Localhost node ports are served (IPv4 only, as upstream): the rules accept them and
+    /// the node needs `route_localnet`.
+    pub fn serves_localhost_node_ports(&self) -> bool {
         self.family == IpFamily::V4
             && self.localhost_node_ports
             && match &self.node_port_addresses {

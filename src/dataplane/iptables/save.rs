@@ -73,12 +73,20 @@ impl SavedTables {
     }
 }
 
-/// Whether a chain name is one of the kernel's built-in chains.
+/// The kernel's built-in chains of a table (empty for tables the proxy never uses).
+pub fn builtin_chains(table: &str) -> &'static [&'static str] {
+    match table {
+        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
+        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+        "mangle" => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
+        "raw" => &["PREROUTING", "OUTPUT"],
+        _ => &[],
+    }
+}
+
+/// Whether a chain name is one of the kernel's built-in chains (in any table).
 pub fn is_builtin(chain: &str) -> bool {
-    matches!(
-        chain,
-        "INPUT" | "OUTPUT" | "FORWARD" | "PREROUTING" | "POSTROUTING"
-    )
+    builtin_chains("mangle").contains(&chain)
 }
 
 #[cfg(test)]
