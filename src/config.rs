@@ -1,8 +1,12 @@
 //! Proxy settings with upstream kube-proxy's flag names, shared by the daemon and `render`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
+
+use crate::config_file::FileSettings;
 
 use crate::dataplane::iptables::{LocalDetector, NodePortAddresses, RenderConfig};
 use crate::model::{IpFamily, NodeInfo};
@@ -38,6 +42,282 @@ pub enum ConfigError {
     /// A masquerade bit outside 0..=31.
     #[error("--iptables-masquerade-bit {0} is out of range (0-31)")]
     MasqueradeBit(u8),
+    /// A bind address that is neither `ip:port` nor an IP.
+    #[error("{flag} {value:?} is not an address (use ip:port, an IP, or \"\" to disable)")]
+    BindAddress {
+        /// The flag or config field.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// A value in the config file that svcproxy does not support.
+    #[error("config file: {field}: {value:?} is not supported ({why})")]
+    Unsupported {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// Why, or what is supported.
+        why: &'static str,
+    },
+    /// Neither an API server nor a manifests directory can be used.
+    #[error("--manifests-dir and --kubeconfig/--master are exclusive: pick one source")]
+    TwoSources,
+}
+
+/// `--proxy-mode` values (upstream's names; `userspace` is svcproxy's TCP proxy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// iptables-restore batches in upstream's chain layout.
+    Iptables,
+}
+
+impl ProxyMode {
+    /// The name used in flags, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+        }
+    }
+
+    fn from_config(value: &str) -> Result<Self, ConfigError> {
+        <Self as clap::ValueEnum>::from_str(value, false).map_err(|_| ConfigError::Unsupported {
+            field: "mode",
+            value: value.to_string(),
+            why: "svcproxy implements iptables, nftables and userspace",
+        })
+    }
+}
+
+/// Log output format (`--logging-format`, upstream's flag).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of the proxy daemon (upstream kube-proxy's names). Fields without a clap default
+/// are `Option`s so that a value from `--config` applies unless the flag was given.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DaemonFlags {
+    /// Which proxy mode to use [default: iptables].
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyMode>,
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given on the
+    /// command line override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig file with the API server and credentials (default: in-cluster config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server URL, overriding the kubeconfig's (http:// works).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Read Services, EndpointSlices and Nodes from YAML/JSON files in this directory and
+    /// watch it for changes, instead of the API server (standalone nodes, demos, tests).
+    #[arg(long)]
+    pub manifests_dir: Option<PathBuf>,
+    /// Minimum interval between rule syncs (Go duration) [default: 1s].
+    #[arg(long, alias = "iptables-min-sync-period", value_parser = parse_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// Maximum interval between full rule syncs (Go duration) [default: 30s].
+    #[arg(long, alias = "iptables-sync-period", value_parser = parse_duration)]
+    pub sync_period: Option<Duration>,
+    /// Address of the metrics server (`ip:port`; "" disables) [default: 127.0.0.1:10249].
+    #[arg(long)]
+    pub metrics_bind_address: Option<String>,
+    /// Address of the /healthz and /livez server (`ip:port`; "" disables)
+    /// [default: 0.0.0.0:10256].
+    #[arg(long)]
+    pub healthz_bind_address: Option<String>,
+    /// Log verbosity as klog's: 0-2 info, 3-4 debug, 5+ trace (RUST_LOG overrides).
+    #[arg(short = 'v', long = "v")]
+    pub verbosity: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub logging_format: Option<LogFormat>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub proxy: ProxyFlags,
+}
+
+/// Where Services, EndpointSlices and Nodes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSettings {
+    /// The API server.
+    Api {
+        /// `--kubeconfig` (or `clientConnection.kubeconfig`).
+        kubeconfig: Option<PathBuf>,
+        /// `--master`.
+        master: Option<String>,
+    },
+    /// `--manifests-dir`.
+    Manifests(PathBuf),
+}
+
+/// The daemon's effective settings: flags over the config file over upstream's defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Proxy mode.
+    pub mode: ProxyMode,
+    /// The source of objects.
+    pub source: SourceSettings,
+    /// Rule-shaping settings.
+    pub proxy: ProxyFlags,
+    /// `--min-sync-period`.
+    pub min_sync_period: Duration,
+    /// `--sync-period`.
+    pub sync_period: Duration,
+    /// Metrics server address; `None` = disabled.
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// Health server address; `None` = disabled.
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// klog-style verbosity.
+    pub verbosity: u32,
+    /// Log format.
+    pub logging_format: LogFormat,
+}
+
+/// Upstream's default metrics address.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
+/// Upstream's default healthz address.
+pub const DEFAULT_HEALTHZ_ADDRESS: &str = "0.0.0.0:10256";
+
+/// `ip:port`, or a bare IP with `default_port`; empty means disabled.
+pub fn parse_bind_address(
+    flag: &'static str,
+    value: &str,
+    default_port: u16,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(Some(a));
+    }
+    v.trim_matches(['[', ']'])
+        .parse::<IpAddr>()
+        .map(|ip| Some(SocketAddr::new(ip, default_port)))
+        .map_err(|_| ConfigError::BindAddress {
+            flag,
+            value: value.to_string(),
+        })
+}
+
+impl Settings {
+    /// Merges `flags` over `file` over the defaults. `explicit(id)` says whether the flag
+    /// with clap id `id` (the field name) was given on the command line: flags with a clap
+    /// default only override the file when they were.
+    pub fn resolve(
+        flags: &DaemonFlags,
+        explicit: &dyn Fn(&str) -> bool,
+        file: Option<&FileSettings>,
+    ) -> Result<Settings, ConfigError> {
+        let empty = FileSettings::default();
+        let file = file.unwrap_or(&empty);
+        let mode = match (flags.proxy_mode, &file.proxy_mode) {
+            (Some(m), _) => m,
+            (None, Some(m)) if !m.is_empty() => ProxyMode::from_config(m)?,
+            _ => ProxyMode::Iptables,
+        };
+        let kubeconfig = flags.kubeconfig.clone().or_else(|| file.kubeconfig.clone());
+        let source = match (&flags.manifests_dir, &flags.master, &flags.kubeconfig) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => return Err(ConfigError::TwoSources),
+            (Some(dir), None, None) => SourceSettings::Manifests(dir.clone()),
+            (None, master, _) => SourceSettings::Api {
+                kubeconfig,
+                master: master.clone(),
+            },
+        };
+        let mut proxy = flags.proxy.clone();
+        if proxy.hostname_override.is_none() {
+            proxy.hostname_override = file.hostname_override.clone().filter(|h| !h.is_empty());
+        }
+        if proxy.cluster_cidr.is_empty() {
+            proxy.cluster_cidr = file.cluster_cidr.clone();
+        }
+        if proxy.nodeport_addresses.is_empty() {
+            proxy.nodeport_addresses = file.nodeport_addresses.clone().unwrap_or_default();
+        }
+        if !explicit("masquerade_all") {
+            proxy.masquerade_all = file.masquerade_all.unwrap_or(proxy.masquerade_all);
+        }
+        if !explicit("iptables_masquerade_bit") {
+            proxy.iptables_masquerade_bit =
+                file.masquerade_bit.unwrap_or(proxy.iptables_masquerade_bit);
+        }
+        if !explicit("iptables_localhost_nodeports") {
+            proxy.iptables_localhost_nodeports = file
+                .localhost_nodeports
+                .unwrap_or(proxy.iptables_localhost_nodeports);
+        }
+        if proxy.detect_local_mode.is_none() {
+            proxy.detect_local_mode = file.detect_local_mode;
+        }
+        if proxy.pod_bridge_interface.is_none() {
+            proxy.pod_bridge_interface = file.pod_bridge_interface.clone();
+        }
+        if proxy.pod_interface_name_prefix.is_none() {
+            proxy.pod_interface_name_prefix = file.pod_interface_name_prefix.clone();
+        }
+        let metrics = flags
+            .metrics_bind_address
+            .clone()
+            .or_else(|| file.metrics_bind_address.clone())
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
+        let healthz = flags
+            .healthz_bind_address
+            .clone()
+            .or_else(|| file.healthz_bind_address.clone())
+            .unwrap_or_else(|| DEFAULT_HEALTHZ_ADDRESS.into());
+        let logging_format = match (flags.logging_format, file.logging_format.as_deref()) {
+            (Some(f), _) => f,
+            (None, Some("json")) => LogFormat::Json,
+            (None, Some("text" | "")) | (None, None) => LogFormat::Text,
+            (None, Some(other)) => {
+                return Err(ConfigError::Unsupported {
+                    field: "logging.format",
+                    value: other.to_string(),
+                    why: "use text or json",
+                });
+            }
+        };
+        let settings = Settings {
+            mode,
+            source,
+            min_sync_period: flags
+                .min_sync_period
+                .or(file.min_sync_period)
+                .unwrap_or(Duration::from_secs(1)),
+            sync_period: flags
+                .sync_period
+                .or(file.sync_period)
+                .unwrap_or(Duration::from_secs(30)),
+            metrics_bind_address: parse_bind_address("--metrics-bind-address", &metrics, 10249)?,
+            healthz_bind_address: parse_bind_address("--healthz-bind-address", &healthz, 10256)?,
+            verbosity: flags.verbosity.or(file.verbosity).unwrap_or(0),
+            logging_format,
+            proxy,
+        };
+        // Validate the rule-shaping combination now rather than at the first sync.
+        settings
+            .proxy
+            .render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
+        Ok(settings)
+    }
+
+    /// The tracing filter for the verbosity: klog's 0-2 are info, 3-4 debug, 5+ trace.
+    pub fn log_filter(&self) -> &'static str {
+        match self.verbosity {
+            0..=2 => "info",
+            3..=4 => "debug",
+            _ => "trace",
+        }
+    }
 }
 
 /// Flags that shape the rule set (upstream names and defaults).
@@ -188,11 +468,11 @@ impl ProxyFlags {
 pub struct DurationError(pub String);
 
 /// Parses a Go-style duration (`300ms`, `1s`, `1m30s`, `2h`), as upstream's flags take.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let err = || DurationError(text.to_string());
     let mut rest = text.trim();
     if rest == "0" {
-        return Ok(std::time::Duration::ZERO);
+        return Ok(Duration::ZERO);
     }
     let mut total = 0f64;
     let mut any = false;
@@ -221,7 +501,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> 
     if !any {
         return Err(err());
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    Ok(Duration::from_secs_f64(total))
 }
 
 #[cfg(test)]

@@ -1,19 +1,26 @@
-//! The proxy daemon: wires a source, the change tracker, the sync runner and a backend, and
-//! the `--cleanup` command.
+//! The proxy daemon: wires a source, the change tracker, the sync runner, a backend, the
+//! metrics and health servers, and the `--cleanup` command.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::config::{ConfigError, ProxyFlags};
+use prometheus_client::registry::Registry;
+
+use crate::config::{ConfigError, ProxyFlags, ProxyMode, Settings, SourceSettings};
 use crate::conntrack::{NetlinkConntrack, cleanup_stale_flows};
-use crate::dataplane::BackendError;
 use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::{Backend, BackendError};
+use crate::health::service::ServiceHealthServers;
+use crate::health::{self, ProxyHealth};
+use crate::http::{self, BindError};
+use crate::metrics::{self, Metrics, MetricsObserver, ProcessCollector};
 use crate::model::{ChangeTracker, IpFamily, NodeInfo, Snapshot};
+use crate::source::api::{self, ApiError, ApiWatch};
 use crate::source::manifests::{self, ManifestsError, ManifestsWatch};
 use crate::sync::{SyncObserver, SyncReport, SyncRunner, SyncSettings, SyncTrigger};
 
@@ -26,11 +33,12 @@ pub enum DaemonError {
     /// The manifests directory cannot be used.
     #[error(transparent)]
     Manifests(#[from] ManifestsError),
-    /// No source of services was given.
-    #[error(
-        "no source of services: pass --manifests-dir DIR (the API-server source is not built yet)"
-    )]
-    NoSource,
+    /// The API server client cannot be configured.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A server port cannot be opened.
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// A kernel setting could not be applied.
     #[error(transparent)]
     Kernel(#[from] BackendError),
@@ -41,30 +49,35 @@ pub enum DaemonError {
 
 /// Everything the daemon needs to start.
 pub struct DaemonOptions {
-    /// Rule-shaping flags.
-    pub flags: ProxyFlags,
-    /// `--manifests-dir`.
-    pub manifests_dir: Option<PathBuf>,
-    /// Sync timing.
-    pub settings: SyncSettings,
+    /// Effective settings (flags over config file over defaults).
+    pub settings: Settings,
     /// `--iptables-backend`; detected from the node when `None`.
     pub iptables_variant: Option<Variant>,
     /// Families to serve.
     pub families: Vec<IpFamily>,
-    /// Extra observers of each sync (conntrack cleanup, metrics, health).
-    pub observers: Vec<Box<dyn SyncObserver>>,
 }
 
 /// A running daemon; [`Daemon::stop`] ends it and leaves the rules in place.
 pub struct Daemon {
     trigger: SyncTrigger,
     runner: Option<JoinHandle<()>>,
-    _watch: Option<ManifestsWatch>,
+    _manifests: Option<ManifestsWatch>,
+    _api: Option<ApiWatch>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the metrics server listens (the bound port when 0 was asked for).
+    pub metrics_address: Option<SocketAddr>,
+    /// Where the health server listens.
+    pub healthz_address: Option<SocketAddr>,
 }
 
 impl Daemon {
-    /// Stops syncing and waits for the sync in progress to finish.
+    /// Stops the servers and watchers, then syncing; waits for the sync in progress.
     pub fn stop(mut self) {
+        for s in &self.servers {
+            s.abort();
+        }
+        self._api.take();
+        self._manifests.take();
         self.trigger.stop();
         if let Some(r) = self.runner.take() {
             let _ = r.join();
@@ -117,28 +130,22 @@ fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
     })
 }
 
-/// Starts the daemon: source, runner thread, backend.
-pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
-    let node_name = opts.flags.node_name();
-    // Validate flag combinations now, so the per-sync config function cannot fail.
-    let probe = opts
-        .flags
-        .render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
+/// The iptables backend for `settings`, after the node-wide settings it needs.
+fn iptables_backend(
+    proxy: &ProxyFlags,
+    variant: Option<Variant>,
+    families: &[IpFamily],
+) -> Result<IptablesBackend<ProcessEdge>, DaemonError> {
+    let probe = proxy.render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
     if probe.serves_localhost_node_ports() {
         // Localhost NodePorts need route_localnet (set in this network namespace only).
         set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
     }
-    let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
-    tracing::info!(node = %node_name, iptables = ?variant, families = ?opts.families, "starting svcproxy in iptables mode");
-
-    let tracker = Arc::new(Mutex::new(ChangeTracker::new(NodeInfo {
-        name: node_name.clone(),
-        ..NodeInfo::default()
-    })));
-    let trigger = SyncTrigger::new();
-    let flags = opts.flags.clone();
+    let variant = variant.unwrap_or_else(Variant::detect);
+    tracing::info!(iptables = ?variant, "programming iptables");
+    let proxy = proxy.clone();
     let config: ConfigFn = Box::new(move |family, node| {
-        flags
+        proxy
             .render_config(family, node, &local_addresses())
             .unwrap_or_else(|e| {
                 tracing::error!(error = %e, "invalid settings; using defaults");
@@ -148,34 +155,124 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
                 }
             })
     });
-    let backend = IptablesBackend::new(ProcessEdge::new(variant), &opts.families, config);
-    let mut runner = SyncRunner::new(
-        tracker.clone(),
-        Box::new(backend),
-        trigger.clone(),
-        opts.settings,
-    );
-    for o in opts.observers {
-        runner.observe(o);
+    Ok(IptablesBackend::new(
+        ProcessEdge::new(variant),
+        families,
+        config,
+    ))
+}
+
+/// Starts the daemon: servers, backend, runner thread and source. Must run inside a tokio
+/// runtime (the servers and API watchers are tasks on it).
+pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
+    let settings = &opts.settings;
+    let node_name = settings.proxy.node_name();
+    let mode = settings.mode;
+    tracing::info!(node = %node_name, mode = mode.name(), families = ?opts.families, "starting svcproxy");
+
+    let tracker = Arc::new(Mutex::new(ChangeTracker::new(NodeInfo {
+        name: node_name.clone(),
+        ..NodeInfo::default()
+    })));
+    let trigger = SyncTrigger::new();
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    registry.register_collector(Box::new(ProcessCollector));
+    let registry = Arc::new(registry);
+    let health = ProxyHealth::new(2 * settings.sync_period, trigger.clone(), tracker.clone());
+
+    let mut servers = Vec::new();
+    let mut metrics_address = None;
+    if let Some(addr) = settings.metrics_bind_address {
+        let h = metrics::handler(
+            registry,
+            metrics.clone(),
+            tracker.clone(),
+            trigger.clone(),
+            mode.name(),
+        );
+        let (task, bound) = http::spawn_server("metrics", addr, h)?;
+        tracing::info!(address = %bound, "serving /metrics");
+        servers.push(task);
+        metrics_address = Some(bound);
     }
+    let mut healthz_address = None;
+    if let Some(addr) = settings.healthz_bind_address {
+        let h = health::handler(health.clone(), metrics.clone());
+        let (task, bound) = http::spawn_server("healthz", addr, h)?;
+        tracing::info!(address = %bound, "serving /healthz and /livez");
+        servers.push(task);
+        healthz_address = Some(bound);
+    }
+
+    let backend: Box<dyn Backend> = match mode {
+        ProxyMode::Iptables => Box::new(iptables_backend(
+            &settings.proxy,
+            opts.iptables_variant,
+            &opts.families,
+        )?),
+    };
+    let sync_settings = SyncSettings {
+        min_sync_period: settings.min_sync_period,
+        sync_period: settings.sync_period,
+        canary_period: settings
+            .sync_period
+            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+    };
+    let mut runner = SyncRunner::new(tracker.clone(), backend, trigger.clone(), sync_settings);
+    runner.observe(Box::new(MetricsObserver::new(metrics.clone(), mode.name())));
+    runner.observe(Box::new(health.clone()));
+    runner.observe(Box::new(ServiceHealthServers::new(
+        tokio::runtime::Handle::current(),
+        health,
+        opts.families.contains(&IpFamily::V6),
+    )));
+    runner.observe(Box::new(ConntrackCleaner::new(
+        opts.families.clone(),
+        metrics.clone(),
+    )));
     let runner = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || runner.run())
         .map_err(DaemonError::Thread)?;
-
-    let watch = match &opts.manifests_dir {
-        Some(dir) => Some(manifests::watch(dir, &node_name, tracker, trigger.clone())?),
-        None => {
-            trigger.stop();
-            let _ = runner.join();
-            return Err(DaemonError::NoSource);
-        }
-    };
-    Ok(Daemon {
-        trigger,
+    let mut daemon = Daemon {
+        trigger: trigger.clone(),
         runner: Some(runner),
-        _watch: watch,
-    })
+        _manifests: None,
+        _api: None,
+        servers,
+        metrics_address,
+        healthz_address,
+    };
+
+    match &settings.source {
+        SourceSettings::Manifests(dir) => {
+            match manifests::watch(dir, &node_name, tracker, trigger) {
+                Ok(w) => daemon._manifests = Some(w),
+                Err(e) => {
+                    daemon.stop();
+                    return Err(e.into());
+                }
+            }
+        }
+        SourceSettings::Api { kubeconfig, master } => {
+            let client = match api::client(kubeconfig.as_deref(), master.as_deref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    daemon.stop();
+                    return Err(e.into());
+                }
+            };
+            tokio::spawn(api::post_startup_event(
+                client.clone(),
+                node_name.clone(),
+                mode.name(),
+            ));
+            daemon._api = Some(api::watch(client, &node_name, tracker, trigger));
+        }
+    }
+    Ok(daemon)
 }
 
 /// Tables the nftables mode (svcproxy's and upstream's) creates.
@@ -237,14 +334,17 @@ pub fn cleanup_everything() -> Vec<String> {
 pub struct ConntrackCleaner {
     families: Vec<IpFamily>,
     table: Option<NetlinkConntrack>,
+    metrics: Arc<Metrics>,
 }
 
 impl ConntrackCleaner {
-    /// A cleaner for `families`; the netlink socket is opened on first use.
-    pub fn new(families: Vec<IpFamily>) -> Self {
+    /// A cleaner for `families`, recording into `metrics`; the netlink socket is opened on
+    /// first use.
+    pub fn new(families: Vec<IpFamily>, metrics: Arc<Metrics>) -> Self {
         Self {
             families,
             table: None,
+            metrics,
         }
     }
 }
@@ -267,8 +367,15 @@ impl SyncObserver for ConntrackCleaner {
             return;
         };
         let mut broken = false;
+        let started = std::time::Instant::now();
         for family in &self.families {
-            match cleanup_stale_flows(table, snapshot, *family) {
+            let result = cleanup_stale_flows(table, snapshot, *family);
+            if let Ok(stats) = &result {
+                self.metrics
+                    .conntrack_deleted_entries
+                    .inc_by(stats.deleted as u64);
+            }
+            match result {
                 Ok(stats) if stats.deleted > 0 || stats.errors > 0 => {
                     tracing::info!(
                         ?family,
@@ -285,14 +392,12 @@ impl SyncObserver for ConntrackCleaner {
                 }
             }
         }
+        self.metrics
+            .conntrack_cleanup_duration
+            .observe(started.elapsed().as_secs_f64());
         if broken {
             // Reopen the socket next time in case it is the socket that broke.
             self.table = None;
         }
     }
-}
-
-/// Observers every daemon runs.
-pub fn default_observers(families: &[IpFamily]) -> Vec<Box<dyn SyncObserver>> {
-    vec![Box::new(ConntrackCleaner::new(families.to_vec()))]
 }

@@ -18,9 +18,13 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod config;
+pub mod config_file;
 pub mod conntrack;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod source;

@@ -2,14 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use svcproxy::config::ProxyFlags;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use svcproxy::config::{DaemonFlags, LogFormat, ProxyFlags, ProxyMode, Settings};
 use svcproxy::daemon::{self, DaemonOptions};
 use svcproxy::dataplane::iptables::edge::Variant;
 use svcproxy::model::IpFamily;
-use svcproxy::sync::SyncSettings;
 
 /// A Kubernetes service proxy: a drop-in replacement for kube-proxy.
 #[derive(Parser, Debug)]
@@ -26,41 +24,26 @@ struct Cli {
     daemon: DaemonArgs,
 }
 
-/// Flags of the proxy daemon (upstream kube-proxy's names).
+/// Flags of the proxy daemon (upstream kube-proxy's names) plus svcproxy's own.
 #[derive(clap::Args, Debug)]
 struct DaemonArgs {
-    /// Which proxy mode to use.
-    #[arg(long, value_enum, default_value = "iptables")]
-    proxy_mode: ProxyMode,
-    /// Read Services, EndpointSlices and Nodes from YAML/JSON files in this directory and
-    /// watch it for changes (standalone nodes, demos, tests).
-    #[arg(long)]
-    manifests_dir: Option<PathBuf>,
-    /// Minimum interval between rule syncs (Go duration).
-    #[arg(long, alias = "iptables-min-sync-period", value_parser = svcproxy::config::parse_duration, default_value = "1s")]
-    min_sync_period: Duration,
-    /// Maximum interval between full rule syncs (Go duration).
-    #[arg(long, alias = "iptables-sync-period", value_parser = svcproxy::config::parse_duration, default_value = "30s")]
-    sync_period: Duration,
+    #[command(flatten)]
+    flags: DaemonFlags,
     /// iptables variant to program: detected from the node's existing rules by default.
     #[arg(long, value_enum)]
     iptables_backend: Option<Variant>,
     /// Remove every rule svcproxy or kube-proxy installed (all modes, both families) and exit.
     #[arg(long)]
     cleanup: bool,
-    #[command(flatten)]
-    flags: ProxyFlags,
+    /// Check the flags and --config, print the effective settings and exit (0 when valid).
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the rules this node would apply for Services, EndpointSlices and Nodes in files.
     Render(RenderArgs),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProxyMode {
-    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,18 +70,72 @@ struct RenderArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
-        Some(Command::Render(args)) => render(args),
-        None if cli.daemon.cleanup => cleanup(),
-        None => run_daemon(cli.daemon),
+        Some(Command::Render(args)) => {
+            init_logging("info", LogFormat::Text);
+            render(args)
+        }
+        None if cli.daemon.cleanup => {
+            init_logging("info", LogFormat::Text);
+            cleanup()
+        }
+        None => {
+            let explicit = |id: &str| {
+                matches!(
+                    matches.value_source(id),
+                    Some(clap::parser::ValueSource::CommandLine)
+                )
+            };
+            match settings(&cli.daemon.flags, &explicit) {
+                Ok(s) if cli.daemon.check_config => {
+                    println!("{s:#?}");
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    init_logging(s.log_filter(), s.logging_format);
+                    run_daemon(s, cli.daemon.iptables_backend)
+                }
+                Err(e) => {
+                    eprintln!("svcproxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Reads `--config` (if any) and merges the flags over it.
+fn settings(flags: &DaemonFlags, explicit: &dyn Fn(&str) -> bool) -> anyhow::Result<Settings> {
+    let file = match &flags.config {
+        Some(path) => {
+            let (file, warnings) = svcproxy::config_file::load(path)?;
+            for w in warnings {
+                eprintln!("svcproxy: warning: {}: {w}", path.display());
+            }
+            Some(file)
+        }
+        None => None,
+    };
+    Ok(Settings::resolve(flags, explicit, file.as_ref())?)
+}
+
+/// Logs to stderr at `default_filter` (RUST_LOG overrides), as text or JSON lines.
+fn init_logging(default_filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -136,25 +173,15 @@ fn cleanup() -> ExitCode {
     }
 }
 
-fn run_daemon(args: DaemonArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
-    let settings = SyncSettings {
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
-        canary_period: args
-            .sync_period
-            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
-    };
-    let families = daemon::kernel_families();
+fn run_daemon(settings: Settings, iptables_variant: Option<Variant>) -> ExitCode {
     let opts = DaemonOptions {
-        flags: args.flags,
-        manifests_dir: args.manifests_dir,
         settings,
-        iptables_variant: args.iptables_backend,
-        observers: daemon::default_observers(&families),
-        families,
+        iptables_variant,
+        families: daemon::kernel_families(),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("svcproxy-io")
         .enable_all()
         .build()
     {
@@ -164,14 +191,14 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let daemon = match daemon::start(opts) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("svcproxy: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     runtime.block_on(async {
+        let daemon = match daemon::start(opts).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("svcproxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         use tokio::signal::unix::{SignalKind, signal};
         match (
             signal(SignalKind::terminate()),
@@ -185,8 +212,9 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
             }
             _ => std::future::pending::<()>().await,
         }
-    });
-    tracing::info!("shutting down; installed rules stay in place");
-    daemon.stop();
-    ExitCode::SUCCESS
+        tracing::info!("shutting down; installed rules stay in place");
+        // The sync thread is joined off the runtime's worker threads.
+        let _ = tokio::task::spawn_blocking(move || daemon.stop()).await;
+        ExitCode::SUCCESS
+    })
 }

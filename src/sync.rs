@@ -40,6 +40,8 @@ struct TriggerState {
     stop: bool,
     /// When the oldest change not yet synced arrived.
     pending_since: Option<Instant>,
+    /// When the last change arrived.
+    last_kick: Option<Instant>,
 }
 
 /// The handle sources and the daemon use to drive the runner; cheap to clone.
@@ -61,7 +63,9 @@ impl SyncTrigger {
     /// Something changed in the tracker: sync soon.
     pub fn kick(&self) {
         let mut st = self.state();
-        st.pending_since.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        st.pending_since.get_or_insert(now);
+        st.last_kick = Some(now);
         self.inner.1.notify_all();
     }
 
@@ -80,6 +84,11 @@ impl SyncTrigger {
     pub fn stop(&self) {
         self.state().stop = true;
         self.inner.1.notify_all();
+    }
+
+    /// When the last change was queued (`..._last_queued_timestamp_seconds`).
+    pub fn last_kick(&self) -> Option<Instant> {
+        self.state().last_kick
     }
 
     /// When the oldest unsynced change arrived (health: a queued update waiting too long).

@@ -492,6 +492,17 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, ConvertError> {
         zone: labels.get(ZONE_LABEL).cloned(),
         addresses,
         pod_cidrs,
-        deleting: node.metadata.deletion_timestamp.is_some(),
+        deleting: node.metadata.deletion_timestamp.is_some() || tainted_for_deletion(node),
     })
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete; upstream's health
+/// check reports such a node as not eligible for new load-balancer traffic.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+fn tainted_for_deletion(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::convert::SliceInfo;
 use super::types::{
@@ -46,6 +47,10 @@ pub struct Changes {
     pub services: BTreeSet<ServiceName>,
     /// Node facts that every service's rules depend on changed: the next sync must be full.
     pub node_changed: bool,
+    /// When the EndpointSlice changes in this batch were triggered (their
+    /// `endpoints.kubernetes.io/last-change-trigger-time`), for the network-programming
+    /// latency metric.
+    pub trigger_times: Vec<SystemTime>,
 }
 
 impl Changes {
@@ -65,6 +70,9 @@ pub struct ChangeTracker {
     node: NodeInfo,
     pending_node: Option<NodeInfo>,
     snapshot: Arc<Snapshot>,
+    trigger_times: Vec<SystemTime>,
+    service_changes_total: u64,
+    endpoint_changes_total: u64,
 }
 
 impl ChangeTracker {
@@ -92,6 +100,7 @@ impl ChangeTracker {
             Some(p) if *p == ports => false,
             _ => {
                 self.pending_services.insert(name, ports);
+                self.service_changes_total += 1;
                 true
             }
         }
@@ -113,6 +122,7 @@ impl ChangeTracker {
             false
         } else {
             pending.insert(slice_name, info);
+            self.endpoint_changes_total += 1;
             true
         };
         if pending.is_empty() {
@@ -143,6 +153,24 @@ impl ChangeTracker {
         self.pending_slices.len()
     }
 
+    /// Service and EndpointSlice changes accepted since start-up (no-op updates are not
+    /// counted): `..._service_changes_total` and `..._endpoint_changes_total`.
+    pub fn changes_total(&self) -> (u64, u64) {
+        (self.service_changes_total, self.endpoint_changes_total)
+    }
+
+    /// Remembers when a pending EndpointSlice change was triggered in the cluster; handed to
+    /// the sync that applies it (see [`Changes::trigger_times`]).
+    pub fn record_trigger_time(&mut self, at: SystemTime) {
+        self.trigger_times.push(at);
+    }
+
+    /// The node including a pending, not yet synced update (health reports a node being
+    /// deleted at once, before any sync).
+    pub fn latest_node(&self) -> &NodeInfo {
+        self.pending_node.as_ref().unwrap_or(&self.node)
+    }
+
     /// Whether anything is waiting to be synced.
     pub fn has_pending(&self) -> bool {
         !self.pending_services.is_empty()
@@ -160,7 +188,10 @@ impl ChangeTracker {
     /// The snapshot is shared copy-on-write: drop the previous one before draining again to
     /// avoid a copy of the whole map.
     pub fn drain(&mut self) -> (Arc<Snapshot>, Changes) {
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            trigger_times: std::mem::take(&mut self.trigger_times),
+            ..Changes::default()
+        };
         let snapshot = Arc::make_mut(&mut self.snapshot);
         if let Some(node) = self.pending_node.take() {
             changes.node_changed = true;

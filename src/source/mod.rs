@@ -1,10 +1,13 @@
 //! Sources of Kubernetes objects, turned into model changes.
 //!
-//! Every source (files today; the API server and `--manifests-dir` next) feeds the same
+//! Every source (the API server, `--manifests-dir`, files for `render`) feeds the same
 //! [`ChangeTracker`] through [`apply_object`] and [`delete_object`].
 
+pub mod api;
 pub mod files;
 pub mod manifests;
+
+use std::time::SystemTime;
 
 use crate::model::convert::{self, ConvertError};
 use crate::model::{ChangeTracker, ServiceName};
@@ -31,7 +34,12 @@ pub fn apply_object(
         }
         Object::EndpointSlice(slice) => match convert::endpoint_slice(slice)? {
             Some(info) => {
-                Ok(tracker.update_slice(info.service.clone(), info.slice_name.clone(), Some(info)))
+                let changed =
+                    tracker.update_slice(info.service.clone(), info.slice_name.clone(), Some(info));
+                if let Some(at) = changed.then(|| trigger_time(slice)).flatten() {
+                    tracker.record_trigger_time(at);
+                }
+                Ok(changed)
             }
             None => Ok(false),
         },
@@ -42,6 +50,21 @@ pub fn apply_object(
             Ok(tracker.update_node(convert::node_info(node)?))
         }
     }
+}
+
+/// Annotation the EndpointSlice controller sets to when the change behind a slice update
+/// happened (a pod became ready, ...): the start of the network-programming latency.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The slice's trigger time, if it has a valid one (RFC 3339).
+fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<SystemTime> {
+    let text = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
+    let ts: jiff::Timestamp = text.parse().ok()?;
+    Some(SystemTime::from(ts))
 }
 
 /// What identifies an object in the tracker: enough to delete it, nothing more (sources

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod builders;
+pub mod mock_api;
 pub mod topology;
 
 use std::io::Write;

@@ -59,7 +59,7 @@ fn endpoints(snap: &Snapshot, service: &str, port: &str) -> Vec<String> {
 fn changed(names: &[&str]) -> Changes {
     Changes {
         services: names.iter().map(|n| svc_name("ns", n)).collect(),
-        node_changed: false,
+        ..Changes::default()
     }
 }
 
@@ -511,6 +511,7 @@ fn node_update_sets_node_changed() {
         Changes {
             services: BTreeSet::new(),
             node_changed: true,
+            ..Changes::default()
         }
     );
     assert!(!changes.is_empty());
