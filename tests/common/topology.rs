@@ -276,8 +276,15 @@ impl Topology {
         fs::remove_file(self.manifests.path().join(file)).expect("remove manifest");
     }
 
-    /// Starts the proxy in node-a with `extra` flags.
+    /// Starts the proxy in node-a, reading the manifests directory, with `extra` flags.
     pub fn start_proxy(&mut self, mode: &str, extra: &[&str]) {
+        let dir = self.manifests.path().to_string_lossy().into_owned();
+        self.start_proxy_with_source(mode, &["--manifests-dir", &dir], extra);
+    }
+
+    /// Starts the proxy in node-a with `source` flags (`--manifests-dir DIR` or
+    /// `--master URL`) and `extra` flags.
+    pub fn start_proxy_with_source(&mut self, mode: &str, source: &[&str], extra: &[&str]) {
         let log = fs::File::create(&self.proxy_log).expect("proxy log");
         let child = Command::new("ip")
             .args([
@@ -295,8 +302,7 @@ impl Topology {
                 "10.244.0.0/16,fd00:10:244::/56",
             ])
             .args(["--min-sync-period", "100ms", "--sync-period", "30s"])
-            .arg("--manifests-dir")
-            .arg(self.manifests.path())
+            .args(source)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
