@@ -449,6 +449,9 @@ impl MetricsObserver {
 impl SyncObserver for MetricsObserver {
     fn synced(&mut self, report: &SyncReport, _snapshot: &Snapshot) {
         let m = &self.metrics;
+        if report.drift_detected {
+            m.state_drift.inc();
+        }
         let secs = report.duration.as_secs_f64();
         m.sync_duration.observe(secs);
         match &report.result {
@@ -473,6 +476,13 @@ impl SyncObserver for MetricsObserver {
                         traffic_policy: "external".into(),
                     })
                     .set(stats.no_local_external as i64);
+                for (table, n) in &stats.rule_counts {
+                    m.iptables_rules
+                        .get_or_create(&TableLabel {
+                            table: (*table).to_string(),
+                        })
+                        .set(*n as i64);
+                }
                 for t in &report.changes.trigger_times {
                     let latency = now.duration_since(*t).unwrap_or(Duration::ZERO);
                     m.network_programming_duration

@@ -112,6 +112,9 @@ pub struct SyncReport {
     pub duration: Duration,
     /// When the oldest change this sync carries arrived.
     pub queued_since: Option<Instant>,
+    /// The installed rules were found changed behind the proxy's back (canary) since the
+    /// previous sync; this sync restores them.
+    pub drift_detected: bool,
 }
 
 /// Something that reacts to every completed sync.
@@ -230,6 +233,7 @@ impl SyncRunner {
         let mut retry_at: Option<Instant> = None;
         let mut failures = 0u32;
         let mut force_full = true;
+        let mut drift_detected = false;
         let mut next_canary = Instant::now() + self.settings.canary_period;
         loop {
             let due = self.wait(last_start, last_full, retry_at, next_canary);
@@ -239,7 +243,12 @@ impl SyncRunner {
             if due.canary {
                 next_canary = Instant::now() + self.settings.canary_period;
                 if last_full.is_some() && !self.backend.rules_intact() {
+                    tracing::warn!(
+                        mode = self.backend.name(),
+                        "installed rules were changed behind svcproxy's back; restoring them with a full sync"
+                    );
                     force_full = true;
+                    drift_detected = true;
                 }
             }
             if !due.sync_allowed {
@@ -293,6 +302,7 @@ impl SyncRunner {
                 started,
                 duration,
                 queued_since,
+                drift_detected: std::mem::take(&mut drift_detected),
             };
             for o in &mut self.observers {
                 o.synced(&report, &snapshot);

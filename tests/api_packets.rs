@@ -34,6 +34,7 @@ fn node_get(t: &Topology, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
+/// The sum of `name`'s samples over all label values.
 fn metric(body: &str, name: &str) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
         .expect("metrics parse as Prometheus text");
@@ -47,7 +48,7 @@ fn metric(body: &str, name: &str) -> f64 {
             | prometheus_parse::Value::Untyped(v) => *v,
             _ => f64::NAN,
         })
-        .next()
+        .reduce(|a, b| a + b)
         .unwrap_or_else(|| panic!("no {name} in\n{body}"))
 }
 

@@ -58,6 +58,7 @@ fn report(ok: bool, full: bool, changes: Changes) -> SyncReport {
         started: Instant::now(),
         duration: Duration::from_millis(12),
         queued_since: None,
+        drift_detected: !ok,
     }
 }
 

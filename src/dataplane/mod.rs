@@ -29,6 +29,9 @@ pub struct SyncStats {
     pub no_local_external: usize,
     /// Time spent in the kernel tool.
     pub kernel_time: Duration,
+    /// Rules the proxy owns per table after the sync (`kubeproxy_sync_proxy_rules_iptables_total`),
+    /// summed over families.
+    pub rule_counts: Vec<(&'static str, usize)>,
 }
 
 /// A kernel operation that failed.

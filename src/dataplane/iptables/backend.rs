@@ -125,6 +125,13 @@ impl<E: IptablesEdge> IptablesBackend<E> {
                     },
                 )
             };
+            // What the rules hold after this render, whether or not the kernel needs it.
+            stats.no_local_internal = rendered.no_local_internal;
+            stats.no_local_external = rendered.no_local_external;
+            stats.rule_counts = vec![
+                ("filter", rendered.filter_rules),
+                ("nat", rendered.nat_rules),
+            ];
             if rendered.noop && self.families[idx].renderer.pending_jumps_empty() {
                 // Nothing of this family changed: leave its tables alone.
                 return Ok(stats);
@@ -160,8 +167,6 @@ impl<E: IptablesEdge> IptablesBackend<E> {
                     chains.extend(rendered.chains_written);
                     st.kernel_chains = Some(chains);
                     stats.objects_deleted += rendered.chains_deleted.len();
-                    stats.no_local_internal += rendered.no_local_internal;
-                    stats.no_local_external += rendered.no_local_external;
                     return Ok(stats);
                 }
                 Err(e) => {
@@ -200,6 +205,12 @@ impl<E: IptablesEdge> Backend for IptablesBackend<E> {
             total.no_local_internal += s.no_local_internal;
             total.no_local_external += s.no_local_external;
             total.kernel_time += s.kernel_time;
+            for (table, n) in s.rule_counts {
+                match total.rule_counts.iter_mut().find(|(t, _)| *t == table) {
+                    Some((_, sum)) => *sum += n,
+                    None => total.rule_counts.push((table, n)),
+                }
+            }
         }
         Ok(total)
     }

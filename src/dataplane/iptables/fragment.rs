@@ -39,6 +39,15 @@ pub struct PortFragment {
     pub no_local_internal: bool,
     /// ETP Local without a local endpoint.
     pub no_local_external: bool,
+    /// Rules this fragment adds to the filter table (`kubeproxy_sync_proxy_rules_iptables_total`).
+    pub filter_rules: u32,
+    /// Rules this fragment adds to the nat table.
+    pub nat_rules: u32,
+}
+
+/// Lines in rule text (every rule ends with a newline).
+fn lines(text: &str) -> u32 {
+    text.bytes().filter(|b| *b == b'\n').count() as u32
 }
 
 /// Writes one rule line straight into a buffer: `-A chain` and then the pieces.
@@ -422,6 +431,11 @@ pub fn render_port(
             .end();
     }
     f.chains.extend(endpoints.into_iter().map(|t| t.chain));
+    f.filter_rules = lines(&f.filter_services)
+        + lines(&f.filter_external)
+        + lines(&f.filter_nodeports)
+        + lines(&f.filter_firewall);
+    f.nat_rules = lines(&f.nat_services) + lines(&f.nat_nodeports) + lines(&f.chain_rules);
     // Fragments live in the cache until their service changes: keep no slack.
     f.chain_rules.shrink_to_fit();
     f.chains.shrink_to_fit();

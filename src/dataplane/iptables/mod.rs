@@ -287,6 +287,10 @@ pub struct Rendered {
     pub no_local_internal: usize,
     /// ETP Local service ports without local endpoints.
     pub no_local_external: usize,
+    /// Per-service rules in the filter table after this render.
+    pub filter_rules: usize,
+    /// Per-service rules in the nat table after this render.
+    pub nat_rules: usize,
 }
 
 /// Renders snapshots for one family, caching per-port fragments between renders.
@@ -482,6 +486,8 @@ impl Renderer {
         for f in self.fragments.values() {
             out.no_local_internal += usize::from(f.no_local_internal);
             out.no_local_external += usize::from(f.no_local_external);
+            out.filter_rules += f.filter_rules as usize;
+            out.nat_rules += f.nat_rules as usize;
         }
         out
     }
