@@ -85,7 +85,7 @@ fn key_of(obj: &Value) -> String {
     )
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<String> {
+fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == name).then(|| percent_decode(v))
@@ -97,12 +97,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;
@@ -127,10 +128,10 @@ fn matches(obj: &Value, labels: Option<&str>, fields: Option<&str>) -> bool {
         }
     }
     for term in fields.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
-        if let Some(name) = term.strip_prefix("metadata.name=") {
-            if obj["metadata"]["name"].as_str() != Some(name) {
-                return false;
-            }
+        if let Some(name) = term.strip_prefix("metadata.name=")
+            && obj["metadata"]["name"].as_str() != Some(name)
+        {
+            return false;
         }
     }
     true
@@ -390,10 +391,10 @@ fn watch(
             .then(|| json!({"type": e.kind, "object": e.object}))
         };
         for e in &backlog {
-            if let Some(v) = send(e, last) {
-                if tx.send(line(&v)).await.is_err() {
-                    return;
-                }
+            if let Some(v) = send(e, last)
+                && tx.send(line(&v)).await.is_err()
+            {
+                return;
             }
             last = last.max(e.rv);
         }
@@ -404,11 +405,10 @@ fn watch(
                 _ = &mut timeout => return,
                 ev = live.recv() => match ev {
                     Ok(Some(e)) => {
-                        if let Some(v) = send(&e, last) {
-                            if tx.send(line(&v)).await.is_err() {
+                        if let Some(v) = send(&e, last)
+                            && tx.send(line(&v)).await.is_err() {
                                 return;
                             }
-                        }
                         last = last.max(e.rv);
                     }
                     Ok(None) => {
