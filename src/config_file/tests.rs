@@ -306,3 +306,20 @@ fn load_names_a_missing_file() {
         "{e}"
     );
 }
+
+#[test]
+fn an_empty_file_is_not_a_configuration() {
+    let e = parse("").unwrap_err().to_string();
+    assert_eq!(e, "expected a KubeProxyConfiguration mapping, found null");
+    // The same document twice is not one configuration either.
+    let twice = format!(
+        "{}---\n{}",
+        doc("mode: iptables\n"),
+        doc("mode: nftables\n")
+    );
+    assert!(
+        matches!(parse(&twice), Err(ConfigFileError::Syntax(_))),
+        "{:?}",
+        parse(&twice)
+    );
+}
