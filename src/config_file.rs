@@ -18,6 +18,8 @@
 //! The result is a [`FileSettings`] that the caller merges with its flags.
 
 mod fields;
+mod schema;
+mod unused;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +29,7 @@ use serde_json::Value;
 
 use crate::config::{DetectLocalMode, DurationError};
 use fields::Section;
+use unused::Unused;
 
 /// The only `apiVersion` upstream's kube-proxy registers for its configuration file.
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
@@ -196,97 +199,6 @@ pub fn parse(text: &str) -> Result<(FileSettings, Vec<String>), ConfigFileError>
     let mut unused = Unused::default();
     let settings = read_root(&root, &mut unused)?;
     Ok((settings, unused.warnings))
-}
-
-/// Field names of upstream's v1alpha1 types (k8s.io/kube-proxy/config/v1alpha1, plus the
-/// component-base types it embeds), one list per Go struct.
-mod schema {
-    pub(super) const ROOT: &[&str] = &[
-        "apiVersion",
-        "kind",
-        "featureGates",
-        "clientConnection",
-        "logging",
-        "hostnameOverride",
-        "bindAddress",
-        "healthzBindAddress",
-        "metricsBindAddress",
-        "bindAddressHardFail",
-        "enableProfiling",
-        "showHiddenMetricsForVersion",
-        "mode",
-        "iptables",
-        "ipvs",
-        "nftables",
-        "winkernel",
-        "detectLocalMode",
-        "detectLocal",
-        "clusterCIDR",
-        "nodePortAddresses",
-        "oomScoreAdj",
-        "conntrack",
-        "configSyncPeriod",
-        "portRange",
-        "windowsRunAsService",
-    ];
-    pub(super) const CLIENT_CONNECTION: &[&str] = &[
-        "kubeconfig",
-        "acceptContentTypes",
-        "contentType",
-        "qps",
-        "burst",
-    ];
-    pub(super) const LOGGING: &[&str] = &[
-        "format",
-        "flushFrequency",
-        "verbosity",
-        "vmodule",
-        "options",
-    ];
-    pub(super) const VMODULE_ITEM: &[&str] = &["filePattern", "verbosity"];
-    pub(super) const LOGGING_OPTIONS: &[&str] = &["text", "json"];
-    pub(super) const OUTPUT_ROUTING: &[&str] = &["splitStream", "infoBufferSize"];
-    pub(super) const IPTABLES: &[&str] = &[
-        "masqueradeBit",
-        "masqueradeAll",
-        "localhostNodePorts",
-        "snatNodeInternalIP",
-        "syncPeriod",
-        "minSyncPeriod",
-    ];
-    pub(super) const NFTABLES: &[&str] = &[
-        "masqueradeBit",
-        "masqueradeAll",
-        "syncPeriod",
-        "minSyncPeriod",
-    ];
-    pub(super) const IPVS: &[&str] = &[
-        "syncPeriod",
-        "minSyncPeriod",
-        "scheduler",
-        "excludeCIDRs",
-        "strictARP",
-        "tcpTimeout",
-        "tcpFinTimeout",
-        "udpTimeout",
-    ];
-    pub(super) const WINKERNEL: &[&str] = &[
-        "networkName",
-        "sourceVip",
-        "enableDSR",
-        "rootHnsEndpointName",
-        "forwardHealthCheckVip",
-    ];
-    pub(super) const DETECT_LOCAL: &[&str] = &["bridgeInterface", "interfaceNamePrefix"];
-    pub(super) const CONNTRACK: &[&str] = &[
-        "maxPerCore",
-        "min",
-        "tcpEstablishedTimeout",
-        "tcpCloseWaitTimeout",
-        "tcpBeLiberal",
-        "udpTimeout",
-        "udpStreamTimeout",
-    ];
 }
 
 const INT32: std::ops::RangeInclusive<i64> = i32::MIN as i64..=i32::MAX as i64;
@@ -534,99 +446,6 @@ fn read_mode_sections(
         unused.duration(&sec, "minSyncPeriod", &[SECOND])?;
     }
     Ok(())
-}
-
-/// Collects warnings for fields that are set (to neither their zero value nor upstream's
-/// default) but that svcproxy does not act on; each read still checks the value's type.
-#[derive(Default)]
-struct Unused {
-    warnings: Vec<String>,
-}
-
-impl Unused {
-    fn warn(&mut self, field: &str, value: &str) {
-        self.warnings.push(format!(
-            "{field}: set to {value}, which svcproxy does not act on; ignored"
-        ));
-    }
-
-    fn string(&mut self, s: &Section, key: &str, defaults: &[&str]) -> Result<(), ConfigFileError> {
-        if let Some(v) = s.string(key)?.filter(|v| !defaults.contains(v)) {
-            self.warn(&s.path_of(key), &format!("{v:?}"));
-        }
-        Ok(())
-    }
-
-    fn set_true(&mut self, s: &Section, key: &str) -> Result<(), ConfigFileError> {
-        if s.bool(key)? == Some(true) {
-            self.warn(&s.path_of(key), "true");
-        }
-        Ok(())
-    }
-
-    fn int(
-        &mut self,
-        s: &Section,
-        key: &str,
-        range: std::ops::RangeInclusive<i64>,
-        defaults: &[i64],
-    ) -> Result<(), ConfigFileError> {
-        if let Some(v) = s.int(key, range)?.filter(|v| !defaults.contains(v)) {
-            self.warn(&s.path_of(key), &v.to_string());
-        }
-        Ok(())
-    }
-
-    fn float(&mut self, s: &Section, key: &str, defaults: &[f64]) -> Result<(), ConfigFileError> {
-        if let Some(v) = s.float(key)?.filter(|v| *v != 0.0 && !defaults.contains(v)) {
-            self.warn(&s.path_of(key), &v.to_string());
-        }
-        Ok(())
-    }
-
-    fn duration(
-        &mut self,
-        s: &Section,
-        key: &str,
-        defaults: &[Duration],
-    ) -> Result<(), ConfigFileError> {
-        if let Some(d) = s.duration(key)?.filter(|d| !defaults.contains(d)) {
-            self.warn(&s.path_of(key), &format!("{d:?}"));
-        }
-        Ok(())
-    }
-
-    fn strings(&mut self, s: &Section, key: &str) -> Result<(), ConfigFileError> {
-        if let Some(items) = s.strings(key)? {
-            self.warn(&s.path_of(key), &items.join(","));
-        }
-        Ok(())
-    }
-
-    /// A resource quantity (`"0"`, `"64Ki"`, or a number): warned unless it is zero.
-    fn quantity(&mut self, s: &Section, key: &str) -> Result<(), ConfigFileError> {
-        let text = match s.raw(key) {
-            None => return Ok(()),
-            Some(Value::String(t)) => t.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            Some(other) => {
-                return Err(ConfigFileError::WrongType {
-                    field: s.path_of(key),
-                    expected: "a quantity such as \"64Ki\"",
-                    found: other.to_string(),
-                });
-            }
-        };
-        let digits: String = text
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '+' || *c == '-')
-            .collect();
-        let zero = digits.parse::<f64>().is_ok_and(|n| n == 0.0);
-        if !zero {
-            self.warn(&s.path_of(key), &format!("{text:?}"));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
