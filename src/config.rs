@@ -330,11 +330,13 @@ pub struct ProxyFlags {
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
     /// CIDRs of node addresses that accept NodePort traffic, comma-separated; `primary` means
-    /// the node's primary addresses. Default: all local addresses.
+    /// the node's primary addresses, `localhost` the loopback ones, `all` every address
+    /// (upstream's keywords). Default: all local addresses.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
-    /// SNAT all traffic sent to cluster IPs.
-    #[arg(long)]
+    /// SNAT all traffic sent to cluster IPs (`--masquerade-all` or `--masquerade-all=false`,
+    /// as Go flags accept).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub masquerade_all: bool,
     /// How traffic from local pods is recognised (default ClusterCIDR when --cluster-cidr is
     /// set, else none).
@@ -357,7 +359,12 @@ pub struct ProxyFlags {
 impl ProxyFlags {
     /// The node name: `--hostname-override`, else the host name (lower-cased, as upstream).
     pub fn node_name(&self) -> String {
-        self.hostname_override.clone().unwrap_or_else(|| {
+        let given = self
+            .hostname_override
+            .as_deref()
+            .map(|h| h.trim().to_lowercase())
+            .filter(|h| !h.is_empty());
+        given.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_lowercase())
                 .unwrap_or_default()
@@ -404,7 +411,8 @@ impl ProxyFlags {
     /// Resolves `--nodeport-addresses` against the node's addresses (`local` are the
     /// addresses on this host's interfaces; loopback ones are considered too).
     pub fn node_port_addresses(&self, node: &NodeInfo, local: &[IpAddr]) -> NodePortAddresses {
-        if self.nodeport_addresses.is_empty() {
+        if self.nodeport_addresses.is_empty() || self.nodeport_addresses.iter().any(|a| a == "all")
+        {
             return NodePortAddresses::All;
         }
         let mut candidates: Vec<IpAddr> = local.to_vec();
@@ -416,7 +424,13 @@ impl ProxyFlags {
         );
         let mut ips = Vec::new();
         for spec in &self.nodeport_addresses {
-            let selected: Vec<IpAddr> = if spec == "primary" {
+            let selected: Vec<IpAddr> = if spec == "localhost" {
+                candidates
+                    .iter()
+                    .copied()
+                    .filter(IpAddr::is_loopback)
+                    .collect()
+            } else if spec == "primary" {
                 [IpFamily::V4, IpFamily::V6]
                     .iter()
                     .filter_map(|f| node.addresses.iter().copied().find(|ip| f.contains(ip)))
@@ -519,5 +533,42 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("1x").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    fn flags(nodeport_addresses: &[&str]) -> ProxyFlags {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            f: ProxyFlags,
+        }
+        let mut f = T::parse_from(["t"]).f;
+        f.nodeport_addresses = nodeport_addresses.iter().map(|s| s.to_string()).collect();
+        f
+    }
+
+    #[test]
+    fn nodeport_address_keywords() {
+        let node = NodeInfo {
+            addresses: vec!["192.168.0.10".parse().unwrap()],
+            ..NodeInfo::default()
+        };
+        let local: Vec<IpAddr> = vec!["192.168.0.10".parse().unwrap(), "10.0.0.1".parse().unwrap()];
+        let ips = |spec: &[&str]| match flags(spec).node_port_addresses(&node, &local) {
+            NodePortAddresses::All => vec!["all".to_string()],
+            NodePortAddresses::Ips(ips) => ips.iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(ips(&[]), ["all"]);
+        assert_eq!(ips(&["all"]), ["all"]);
+        assert_eq!(ips(&["primary"]), ["192.168.0.10"]);
+        assert_eq!(ips(&["localhost"]), ["127.0.0.1", "::1"]);
+        assert_eq!(ips(&["10.0.0.0/8"]), ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn hostname_override_is_trimmed_and_lowercased() {
+        let mut f = flags(&[]);
+        f.hostname_override = Some(" Node-A ".into());
+        assert_eq!(f.node_name(), "node-a");
     }
 }

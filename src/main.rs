@@ -33,7 +33,7 @@ struct DaemonArgs {
     #[arg(long, value_enum)]
     iptables_backend: Option<Variant>,
     /// Remove every rule svcproxy or kube-proxy installed (all modes, both families) and exit.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     cleanup: bool,
     /// Check the flags and --config, print the effective settings and exit (0 when valid).
     #[arg(long)]
