@@ -382,6 +382,18 @@ spread "$CLIENT" "http://$CLUSTER_IP/" "$REQUESTS"
 [ "$SPREAD_FAILED" -eq 0 ] || fail "$SPREAD_FAILED requests failed after the removal"
 [[ "$SPREAD_SEEN" != *" pod-3 "* ]] || fail "pod-3 still answers after it was removed"
 
+step "What monitoring sees: kube-proxy's metrics and health endpoints"
+say "\$ ip netns exec $NODE curl -s http://127.0.0.1:10249/metrics | grep ..."
+metrics=$(in_ns "$NODE" curl -s --max-time 2 http://127.0.0.1:10249/metrics) || fail "no answer on the metrics port"
+grep -E '^kubeproxy_(sync_proxy_rules_duration_seconds_(count|sum)|sync_proxy_rules_(endpoint|service)_changes_total|sync_proxy_rules_iptables_total|sync_proxy_rules_last_timestamp_seconds) ' <<<"$metrics" \
+  | sed -e 's/^/      /'
+grep -q '^kubeproxy_sync_proxy_rules_duration_seconds_count [1-9]' <<<"$metrics" || fail "no sync counted in the metrics"
+explain "Upstream kube-proxy's metric names, types and buckets, so existing dashboards and alerts work."
+say "\$ ip netns exec $NODE curl -s http://127.0.0.1:10256/healthz"
+health=$(in_ns "$NODE" curl -s --max-time 2 -w ' (HTTP %{http_code})' http://127.0.0.1:10256/healthz) || fail "no answer on the healthz port"
+say "      $health"
+[[ "$health" == *"HTTP 200"* ]] || fail "/healthz is not 200"
+
 step "The iptables rules svcproxy wrote in node-a (nat table)"
 say "\$ ip netns exec $NODE $IPT -t nat -L KUBE-SERVICES -n"
 ipt_list KUBE-SERVICES
