@@ -511,6 +511,11 @@ mod tests {
         let mut registry = Registry::default();
         let m = Metrics::register(&mut registry);
         m.sync_duration.observe(0.003);
+        m.no_local_endpoints
+            .get_or_create(&TrafficPolicyLabel {
+                traffic_policy: "internal".into(),
+            })
+            .set(1);
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"));
