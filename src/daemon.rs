@@ -106,7 +106,8 @@ pub fn local_addresses() -> Vec<IpAddr> {
     out
 }
 
-fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
+/// Sets `/proc/sys/<name>` in this network namespace (skipped when it already has `value`).
+pub(crate) fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
     let path = format!("/proc/sys/{name}");
     if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
         return Ok(());
