@@ -8,11 +8,12 @@ use std::thread::JoinHandle;
 
 use crate::config::{ConfigError, ProxyFlags};
 use crate::conntrack::{NetlinkConntrack, cleanup_stale_flows};
-use crate::dataplane::BackendError;
 use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::userspace::{UserspaceBackend, UserspaceOptions};
+use crate::dataplane::{Backend, BackendError};
 use crate::model::{ChangeTracker, IpFamily, NodeInfo, Snapshot};
 use crate::source::manifests::{self, ManifestsError, ManifestsWatch};
 use crate::sync::{SyncObserver, SyncReport, SyncRunner, SyncSettings, SyncTrigger};
@@ -51,6 +52,8 @@ pub struct DaemonOptions {
     pub iptables_variant: Option<Variant>,
     /// Families to serve.
     pub families: Vec<IpFamily>,
+    /// `--proxy-mode`.
+    pub mode: Mode,
     /// Extra observers of each sync (conntrack cleanup, metrics, health).
     pub observers: Vec<Box<dyn SyncObserver>>,
 }
@@ -118,6 +121,16 @@ pub(crate) fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
     })
 }
 
+/// Which dataplane the daemon programs (`--proxy-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// iptables NAT rules.
+    #[default]
+    Iptables,
+    /// The proxy serves connections itself (see [`crate::dataplane::userspace`]).
+    Userspace,
+}
+
 /// Starts the daemon: source, runner thread, backend.
 pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     let node_name = opts.flags.node_name();
@@ -125,37 +138,43 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     let probe = opts
         .flags
         .render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
-    if probe.serves_localhost_node_ports() {
-        // Localhost NodePorts need route_localnet (set in this network namespace only).
-        set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
-    }
-    let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
-    tracing::info!(node = %node_name, iptables = ?variant, families = ?opts.families, "starting svcproxy in iptables mode");
-
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(NodeInfo {
         name: node_name.clone(),
         ..NodeInfo::default()
     })));
     let trigger = SyncTrigger::new();
-    let flags = opts.flags.clone();
-    let config: ConfigFn = Box::new(move |family, node| {
-        flags
-            .render_config(family, node, &local_addresses())
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "invalid settings; using defaults");
-                RenderConfig {
-                    family,
-                    ..RenderConfig::default()
-                }
-            })
-    });
-    let backend = IptablesBackend::new(ProcessEdge::new(variant), &opts.families, config);
-    let mut runner = SyncRunner::new(
-        tracker.clone(),
-        Box::new(backend),
-        trigger.clone(),
-        opts.settings,
-    );
+    let backend: Box<dyn Backend> = if opts.mode == Mode::Userspace {
+        tracing::info!(node = %node_name, families = ?opts.families, "starting svcproxy in userspace mode");
+        Box::new(UserspaceBackend::new(UserspaceOptions::from_flags(
+            &opts.flags,
+            &opts.families,
+        ))?)
+    } else {
+        if probe.serves_localhost_node_ports() {
+            // Localhost NodePorts need route_localnet (set in this network namespace only).
+            set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
+        }
+        let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
+        tracing::info!(node = %node_name, iptables = ?variant, families = ?opts.families, "starting svcproxy in iptables mode");
+        let flags = opts.flags.clone();
+        let config: ConfigFn = Box::new(move |family, node| {
+            flags
+                .render_config(family, node, &local_addresses())
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "invalid settings; using defaults");
+                    RenderConfig {
+                        family,
+                        ..RenderConfig::default()
+                    }
+                })
+        });
+        Box::new(IptablesBackend::new(
+            ProcessEdge::new(variant),
+            &opts.families,
+            config,
+        ))
+    };
+    let mut runner = SyncRunner::new(tracker.clone(), backend, trigger.clone(), opts.settings);
     for o in opts.observers {
         runner.observe(o);
     }
@@ -214,6 +233,9 @@ pub fn cleanup_everything() -> Vec<String> {
                 Err(e) => problems.push(format!("{variant:?} {family:?}: {e}")),
             }
         }
+    }
+    if let Err(e) = crate::dataplane::userspace::remove_addresses() {
+        problems.push(format!("userspace: {e}"));
     }
     if let Some(tables) = nft_tables() {
         for (family, name) in NFT_TABLES {

@@ -61,6 +61,8 @@ enum Command {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ProxyMode {
     Iptables,
+    /// Proxy connections in the svcproxy process (no NAT rules).
+    Userspace,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -103,7 +105,10 @@ fn main() -> ExitCode {
 }
 
 fn render(args: RenderArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
+    if args.proxy_mode != ProxyMode::Iptables {
+        eprintln!("svcproxy render: only --proxy-mode iptables has rules to print");
+        return ExitCode::FAILURE;
+    }
     let family = match args.ip_family {
         Family::V4 => IpFamily::V4,
         Family::V6 => IpFamily::V6,
@@ -137,7 +142,10 @@ fn cleanup() -> ExitCode {
 }
 
 fn run_daemon(args: DaemonArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
+    let mode = match args.proxy_mode {
+        ProxyMode::Iptables => daemon::Mode::Iptables,
+        ProxyMode::Userspace => daemon::Mode::Userspace,
+    };
     let settings = SyncSettings {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
@@ -151,7 +159,13 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
         manifests_dir: args.manifests_dir,
         settings,
         iptables_variant: args.iptables_backend,
-        observers: daemon::default_observers(&families),
+        // The userspace proxy creates no conntrack NAT entries to clean.
+        observers: if mode == daemon::Mode::Userspace {
+            Vec::new()
+        } else {
+            daemon::default_observers(&families)
+        },
+        mode,
         families,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -41,7 +41,8 @@ use self::addresses::{AddressEdge, NetlinkAddresses};
 use self::balancer::{PortBalancer, PortPlan, plan};
 use self::listeners::{ConnSettings, ListenerSet, LocalClients, PortEntry};
 use self::stats::UserspaceStats;
-use crate::dataplane::iptables::NodePortAddresses;
+use crate::config::ProxyFlags;
+use crate::dataplane::iptables::{LocalDetector, NodePortAddresses};
 use crate::dataplane::{Backend, BackendError, SyncStats};
 use crate::model::{Changes, IpFamily, NodeInfo, PathPlan, ServicePortName, Snapshot, select};
 
@@ -98,6 +99,33 @@ pub struct UserspaceOptions {
     pub node_settings: NodeSettingsFn,
     /// Worker threads of the proxy runtime.
     pub worker_threads: usize,
+}
+
+impl UserspaceOptions {
+    /// Options from the proxy flags: `--nodeport-addresses` resolved against this host's
+    /// addresses on every sync, and the pod CIDRs of `--detect-local-mode` (ClusterCIDR or
+    /// NodeCIDR; the interface-based modes cannot be told from a client address, so with
+    /// them only the node's own addresses count as local clients).
+    pub fn from_flags(flags: &ProxyFlags, families: &[IpFamily]) -> Self {
+        let flags = flags.clone();
+        UserspaceOptions {
+            families: families.to_vec(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(move |node| {
+                let local = crate::daemon::local_addresses();
+                let local_cidrs = match flags.local_detector(node) {
+                    Ok(LocalDetector::Cidrs(c)) => c,
+                    _ => Vec::new(),
+                };
+                NodeSettings {
+                    node_ports: flags.node_port_addresses(node, &local),
+                    local_cidrs,
+                    local_addresses: local,
+                }
+            }),
+            worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+        }
+    }
 }
 
 /// Default idle timeout of proxied TCP connections: one hour (long enough for idle
