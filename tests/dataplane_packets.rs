@@ -104,11 +104,6 @@ fn preserves_source_ip(mode: &str) -> bool {
     mode != "userspace"
 }
 
-/// The userspace mode proxies TCP only.
-fn proxies_udp(mode: &str) -> bool {
-    mode != "userspace"
-}
-
 fn skipped(mode: &str, check: &str, why: &str) {
     eprintln!("[{mode}] SKIPPED check {check}: {why}");
 }
@@ -239,15 +234,11 @@ fn every_path_works(mode: &str) {
     );
 
     // UDP service.
-    if proxies_udp(mode) {
-        let udp = spread(20, || Topology::udp(&t.client, "10.96.0.53", 53, 0));
-        assert!(
-            udp.keys().all(|k| k == "pod-1" || k == "pod-2") && udp.len() == 2,
-            "UDP: {udp:?}"
-        );
-    } else {
-        skipped(mode, "UDP service", "this mode proxies TCP only");
-    }
+    let udp = spread(20, || Topology::udp(&t.client, "10.96.0.53", 53, 0));
+    assert!(
+        udp.keys().all(|k| k == "pod-1" || k == "pod-2") && udp.len() == 2,
+        "UDP: {udp:?}"
+    );
 
     // IPv6 ClusterIP.
     let v6 = spread(20, || Topology::http(&t.client, "fd00:96::10", 80));
@@ -287,10 +278,6 @@ fn endpoint_changes_converge(mode: &str) {
 
     // UDP: a client with a fixed source port is stuck to its endpoint by conntrack; when
     // that endpoint is removed the stale entry is deleted and the client moves on.
-    if !proxies_udp(mode) {
-        skipped(mode, "UDP stale flows", "this mode proxies TCP only");
-        return;
-    }
     let first = Topology::udp(&t.client, "10.96.0.53", 53, 40000).expect("UDP answer");
     let victim = first.split_whitespace().next().unwrap().to_string();
     let keep = if victim == "pod-1" { 2 } else { 1 };

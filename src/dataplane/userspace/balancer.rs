@@ -41,6 +41,13 @@ pub struct PortPlan {
 }
 
 impl PortPlan {
+    /// Whether `endpoint` is in any of the lists (UDP sessions stay while it is).
+    pub fn contains(&self, endpoint: SocketAddr) -> bool {
+        self.internal.contains(&endpoint)
+            || self.external.contains(&endpoint)
+            || self.short_circuit.contains(&endpoint)
+    }
+
     /// Whether a listener for `path` is needed: some connection on it can be served.
     /// Without a listener the kernel refuses connections to the (local) address at once.
     pub fn serves(&self, path: Path) -> bool {

@@ -48,13 +48,16 @@ pub struct ListenerSpec {
 /// internal path; externalIPs and load-balancer IPs for the external path), and one per
 /// NodePort on the node-port addresses (the unspecified address when every local address
 /// accepts NodePorts). Ports whose path has nothing to serve get no listener, so the kernel
-/// refuses their connections at once. Protocols other than TCP are not proxied. The second
-/// value lists addresses claimed by two service ports (the first in name order wins).
+/// refuses their connections at once. TCP and UDP are proxied, SCTP is not. UDP NodePorts
+/// are bound per node address (`udp_node_addresses`) even when every address accepts
+/// NodePorts, so replies leave from the address the client sent to. The second value lists
+/// addresses claimed by two service ports (the first in name order wins).
 pub fn desired(
     snap: &Snapshot,
     plans: &HashMap<(ServicePortName, IpFamily), PortPlan>,
     families: &[IpFamily],
     node_ports: &NodePortAddresses,
+    udp_node_addresses: &[IpAddr],
 ) -> (
     BTreeMap<ListenKey, ListenerSpec>,
     Vec<(ListenKey, ServicePortName)>,
@@ -63,7 +66,7 @@ pub fn desired(
     let mut conflicts = Vec::new();
     for (name, state) in &snap.ports {
         let port = &state.port;
-        if port.name.protocol != Protocol::Tcp {
+        if port.name.protocol == Protocol::Sctp {
             continue;
         }
         for &family in families {
@@ -104,6 +107,11 @@ pub fn desired(
                 }
                 if let Some(np) = port.node_port {
                     match node_ports {
+                        NodePortAddresses::All if port.name.protocol == Protocol::Udp => {
+                            for ip in udp_node_addresses.iter().filter(|ip| family.contains(ip)) {
+                                add(*ip, np, Path::External);
+                            }
+                        }
                         NodePortAddresses::All => add(unspecified(family), np, Path::External),
                         NodePortAddresses::Ips(ips) => {
                             for ip in ips.iter().filter(|ip| family.contains(ip)) {
@@ -159,6 +167,8 @@ pub struct PortEntry {
     pub counters: Arc<PortCounters>,
     /// Cancelled when the service port is deleted: its open connections are closed.
     pub connections: CancellationToken,
+    /// Bumped after every endpoint update, so UDP sessions recheck their endpoint.
+    pub generation: std::sync::atomic::AtomicU64,
 }
 
 /// Per-connection settings shared by every listener.
@@ -245,16 +255,29 @@ impl ListenerSet {
             let Some(entry) = entries.get(&(spec.port.clone(), spec.family)) else {
                 continue;
             };
-            match open_tcp(runtime, key.addr) {
-                Ok(listener) => {
-                    let stop = CancellationToken::new();
-                    let task = runtime.spawn(accept_loop(
+            let stop = CancellationToken::new();
+            let opened = match key.protocol {
+                Protocol::Udp => super::udp::open_udp(runtime, key.addr).map(|socket| {
+                    runtime.spawn(super::udp::serve(
+                        socket,
+                        spec.path,
+                        entry.clone(),
+                        settings.clone(),
+                        stop.clone(),
+                    ))
+                }),
+                _ => open_tcp(runtime, key.addr).map(|listener| {
+                    runtime.spawn(accept_loop(
                         listener,
                         spec.path,
                         entry.clone(),
                         settings.clone(),
                         stop.clone(),
-                    ));
+                    ))
+                }),
+            };
+            match opened {
+                Ok(task) => {
                     tracing::debug!(listener = %key, service = %spec.port, "opened listener");
                     self.running.insert(
                         *key,
@@ -446,14 +469,17 @@ mod tests {
             ..ServicePort::cluster_ip(sp("web"), "10.96.0.1".parse().unwrap(), 80)
         };
         let empty = ServicePort::cluster_ip(sp("empty"), "10.96.0.2".parse().unwrap(), 80);
-        let udp = ServicePort::cluster_ip(
-            ServicePortName {
-                protocol: Protocol::Udp,
-                ..sp("dns")
-            },
-            "10.96.0.3".parse().unwrap(),
-            53,
-        );
+        let udp = ServicePort {
+            node_port: Some(30053),
+            ..ServicePort::cluster_ip(
+                ServicePortName {
+                    protocol: Protocol::Udp,
+                    ..sp("dns")
+                },
+                "10.96.0.3".parse().unwrap(),
+                53,
+            )
+        };
         let s = snap(vec![web, empty, udp.clone()]);
         let mut plans = HashMap::new();
         for f in [IpFamily::V4, IpFamily::V6] {
@@ -466,19 +492,23 @@ mod tests {
             &plans,
             &[IpFamily::V4, IpFamily::V6],
             &NodePortAddresses::All,
+            &["192.168.0.10".parse().unwrap()],
         );
         assert!(conflicts.is_empty());
-        let keys: Vec<String> = all.keys().map(|k| k.addr.to_string()).collect();
+        let keys: Vec<String> = all.keys().map(|k| k.to_string()).collect();
         assert_eq!(
             keys,
             vec![
-                "0.0.0.0:30080",
-                "10.96.0.1:80",
-                "198.51.100.1:80",
-                "203.0.113.1:80",
-                "[::]:30080",
-                "[2001:db8::1]:80",
-                "[fd00::1]:80",
+                "0.0.0.0:30080/tcp",
+                "10.96.0.1:80/tcp",
+                "198.51.100.1:80/tcp",
+                "203.0.113.1:80/tcp",
+                "[::]:30080/tcp",
+                "[2001:db8::1]:80/tcp",
+                "[fd00::1]:80/tcp",
+                // UDP NodePorts: per node address, so replies leave from it.
+                "10.96.0.3:53/udp",
+                "192.168.0.10:30053/udp",
             ]
         );
         assert_eq!(
@@ -507,15 +537,18 @@ mod tests {
                 "192.168.0.10".parse().unwrap(),
                 "fd00:1::10".parse().unwrap(),
             ]),
+            &[],
         );
-        let keys: Vec<String> = some.keys().map(|k| k.addr.to_string()).collect();
+        let keys: Vec<String> = some.keys().map(|k| k.to_string()).collect();
         assert_eq!(
             keys,
             vec![
-                "10.96.0.1:80",
-                "192.168.0.10:30080",
-                "198.51.100.1:80",
-                "203.0.113.1:80"
+                "10.96.0.1:80/tcp",
+                "192.168.0.10:30080/tcp",
+                "198.51.100.1:80/tcp",
+                "203.0.113.1:80/tcp",
+                "10.96.0.3:53/udp",
+                "192.168.0.10:30053/udp",
             ]
         );
     }
@@ -537,7 +570,7 @@ mod tests {
                 ..PortPlan::default()
             },
         );
-        let (all, _) = desired(&s, &plans, &[IpFamily::V4], &NodePortAddresses::All);
+        let (all, _) = desired(&s, &plans, &[IpFamily::V4], &NodePortAddresses::All, &[]);
         let keys: Vec<String> = all.keys().map(|k| k.addr.to_string()).collect();
         assert_eq!(keys, vec!["10.96.0.5:80"]);
     }
@@ -553,7 +586,7 @@ mod tests {
         let mut plans = HashMap::new();
         plans.insert((sp("a"), IpFamily::V4), serving());
         plans.insert((sp("b"), IpFamily::V4), serving());
-        let (all, conflicts) = desired(&s, &plans, &[IpFamily::V4], &NodePortAddresses::All);
+        let (all, conflicts) = desired(&s, &plans, &[IpFamily::V4], &NodePortAddresses::All, &[]);
         assert_eq!(all.len(), 2);
         assert_eq!(conflicts.len(), 1);
         assert_eq!(conflicts[0].1, sp("b"));

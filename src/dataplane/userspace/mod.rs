@@ -16,8 +16,8 @@
 //! timeout). When the service port itself is deleted, its listeners close and its open
 //! connections are closed at once.
 //!
-//! Limits: TCP only (UDP and SCTP service ports get their addresses but no listener, so the
-//! kernel answers "port unreachable"); endpoints see the node as the client (no source-IP
+//! UDP service ports are proxied with one session per client address ([`udp`]); SCTP ports
+//! get their addresses but no listener. Endpoints see the node as the client (no source-IP
 //! preservation, as with any userspace proxy).
 //!
 //! The [`crate::dataplane::Backend`] methods run on the sync thread; the listeners and
@@ -28,6 +28,7 @@ pub mod balancer;
 pub mod copy;
 pub mod listeners;
 pub mod stats;
+pub mod udp;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -235,7 +236,7 @@ impl Backend for UserspaceBackend {
         let node = (self.opts.node_settings)(&snap.node);
         self.settings
             .local
-            .update(node.local_cidrs, node.local_addresses);
+            .update(node.local_cidrs, node.local_addresses.clone());
 
         // 1. Addresses first, so new listeners bind to local addresses.
         self.desired_addresses = self.desired_addresses(snap);
@@ -244,6 +245,16 @@ impl Backend for UserspaceBackend {
             stats.objects_written += c.added;
             stats.objects_deleted += c.removed;
         }
+
+        // The node's own addresses (not svcproxy's, not IPv6 link-local ones, which would
+        // need a scope): where UDP NodePorts are bound when every address accepts them.
+        let udp_node_addresses: Vec<IpAddr> = node
+            .local_addresses
+            .iter()
+            .copied()
+            .filter(|ip| !self.desired_addresses.contains(ip))
+            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .collect();
 
         // 2. Endpoint lists, updated in place.
         let now = Instant::now();
@@ -277,11 +288,14 @@ impl Backend for UserspaceBackend {
         }
         for (key, p) in &plans {
             match self.entries.get(key) {
-                Some(e) => e
-                    .balancer
-                    .lock()
-                    .unwrap_or_else(|x| x.into_inner())
-                    .update(p.clone(), now),
+                Some(e) => {
+                    e.balancer
+                        .lock()
+                        .unwrap_or_else(|x| x.into_inner())
+                        .update(p.clone(), now);
+                    e.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
+                }
                 None => {
                     self.entries.insert(
                         key.clone(),
@@ -289,6 +303,7 @@ impl Backend for UserspaceBackend {
                             balancer: Mutex::new(PortBalancer::new(p.clone())),
                             counters: self.stats.port(&key.0),
                             connections: CancellationToken::new(),
+                            generation: Default::default(),
                         }),
                     );
                 }
@@ -297,8 +312,13 @@ impl Backend for UserspaceBackend {
         self.stats.retain(|n| snap.ports.contains_key(n));
 
         // 3. Listeners.
-        let (desired, conflicts) =
-            listeners::desired(snap, &plans, &self.opts.families, &node.node_ports);
+        let (desired, conflicts) = listeners::desired(
+            snap,
+            &plans,
+            &self.opts.families,
+            &node.node_ports,
+            &udp_node_addresses,
+        );
         for (key, port) in conflicts {
             tracing::warn!(listener = %key, service = %port, "address already served by another service port");
         }
