@@ -161,6 +161,7 @@ impl UserspaceBackend {
     pub fn new(opts: UserspaceOptions) -> Result<Self, BackendError> {
         crate::daemon::set_sysctl("net/ipv4/conf/all/arp_ignore", "1")?;
         crate::daemon::set_sysctl("net/ipv4/conf/all/arp_announce", "2")?;
+        raise_open_files_limit();
         let rt = runtime(opts.worker_threads)?;
         let edge = NetlinkAddresses::open(rt.handle().clone(), true)?;
         Ok(Self::with_parts(opts, rt, Box::new(edge)))
@@ -378,6 +379,21 @@ impl Backend for UserspaceBackend {
 
     fn name(&self) -> &'static str {
         "userspace"
+    }
+}
+
+/// Every listener, proxied connection (two sockets, two pipes for splice) and UDP session
+/// holds descriptors; systemd's default soft limit of 1024 would cap a node at a few hundred
+/// connections, so the soft limit is raised to the hard one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
     }
 }
 
