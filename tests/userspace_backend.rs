@@ -210,3 +210,48 @@ fn a_failing_endpoint_is_counted_and_skipped() {
     // Refused once, then tried last during its cooldown (and never needed).
     assert_eq!(snap[0].connect_errors, 1);
 }
+
+#[test]
+fn load_balancer_source_ranges_are_enforced() {
+    let a = server("a");
+    let cluster_ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let lb_ip: IpAddr = "127.0.0.2".parse().unwrap();
+    let port = free_port(lb_ip);
+    let mut backend = UserspaceBackend::with_edge(
+        UserspaceOptions {
+            families: vec![IpFamily::V4],
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(|_| NodeSettings::default()),
+            worker_threads: 1,
+        },
+        Box::new(FakeAddresses::default()),
+    )
+    .unwrap();
+    let with_ranges = |range: &str| {
+        let mut snap = snapshot(cluster_ip, port, &[a]);
+        let state = snap.ports.get_mut(&name()).unwrap();
+        let mut sp = (*state.port).clone();
+        sp.load_balancer_ips = vec![lb_ip];
+        sp.load_balancer_source_ranges = vec![range.parse().unwrap()];
+        state.port = Arc::new(sp);
+        snap
+    };
+    // The client (127.0.0.1) is outside the range: reset before any byte comes back.
+    backend
+        .sync(&with_ranges("10.0.0.0/8"), &Changes::default(), true)
+        .unwrap();
+    let mut s = connect(SocketAddr::new(lb_ip, port)).unwrap();
+    assert!(
+        ask(&mut s, "1").is_err(),
+        "outside loadBalancerSourceRanges"
+    );
+    // The ClusterIP is not filtered.
+    let mut c = connect(SocketAddr::new(cluster_ip, port)).unwrap();
+    assert_eq!(ask(&mut c, "2").unwrap(), "a 2");
+    // Inside the range: served.
+    backend
+        .sync(&with_ranges("127.0.0.0/8"), &Changes::default(), false)
+        .unwrap();
+    let mut s = connect(SocketAddr::new(lb_ip, port)).unwrap();
+    assert_eq!(ask(&mut s, "3").unwrap(), "a 3");
+}

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use crate::model::{Endpoint, IpFamily, NodeInfo, PathPlan, ServicePort, SessionAffinity, select};
 
 /// How long an endpoint whose connect failed is tried last (after every other endpoint), so
@@ -38,6 +40,13 @@ pub struct PortPlan {
     pub short_circuit: Vec<SocketAddr>,
     /// ClientIP affinity timeout, when the port has session affinity.
     pub affinity: Option<Duration>,
+    /// `loadBalancerSourceRanges` of this family (empty: every client may use the
+    /// load-balancer IPs).
+    pub source_ranges: Vec<IpNet>,
+    /// Extra sources admitted on the load-balancer IPs: the node reaching its own VIP (which
+    /// arrives with the VIP as source) when the node's address is in the ranges, as the
+    /// iptables mode's firewall chain does.
+    pub node_sources: Vec<IpAddr>,
 }
 
 impl PortPlan {
@@ -46,6 +55,13 @@ impl PortPlan {
         self.internal.contains(&endpoint)
             || self.external.contains(&endpoint)
             || self.short_circuit.contains(&endpoint)
+    }
+
+    /// Whether `client` may connect through a load-balancer IP of this port.
+    pub fn admits_on_load_balancer(&self, client: IpAddr) -> bool {
+        self.source_ranges.is_empty()
+            || self.source_ranges.iter().any(|n| n.contains(&client))
+            || self.node_sources.contains(&client)
     }
 
     /// Whether a listener for `path` is needed: some connection on it can be served.
@@ -80,7 +96,20 @@ pub fn plan(
     } else {
         Vec::new()
     };
+    let source_ranges: Vec<IpNet> = port.source_ranges_for(family).collect();
+    let node_in_ranges = node
+        .addresses
+        .iter()
+        .find(|ip| family.contains(ip))
+        .is_some_and(|ip| source_ranges.iter().any(|n| n.contains(ip)));
+    let node_sources = if node_in_ranges {
+        port.load_balancer_ips_for(family).collect()
+    } else {
+        Vec::new()
+    };
     PortPlan {
+        source_ranges,
+        node_sources,
         internal: pick(sel.internal),
         external: if port.externally_accessible(family) {
             pick(sel.external)
@@ -395,7 +424,7 @@ mod tests {
             internal: vec![sa("10.0.0.1:80"), sa("10.0.2.1:80")],
             external: vec![sa("10.0.0.1:80")],
             short_circuit: vec![sa("10.0.0.1:80"), sa("10.0.2.1:80")],
-            affinity: None,
+            ..PortPlan::default()
         });
         let ext: Vec<_> = (0..4)
             .map(|_| b.candidates(ip("192.0.2.1"), Path::External, false, now))
@@ -492,6 +521,27 @@ mod tests {
         // No endpoints: nothing to serve.
         let p = plan(&port(), &[], IpFamily::V4, &node());
         assert!(!p.serves(Path::Internal));
+
+        // Source ranges of load-balancer IPs, with the node's own VIP traffic admitted when
+        // the node address is in range.
+        let fw = ServicePort {
+            load_balancer_ips: vec![ip("203.0.113.5")],
+            load_balancer_source_ranges: vec!["192.0.2.0/24".parse().unwrap()],
+            ..port()
+        };
+        let p = plan(&fw, &eps, IpFamily::V4, &node());
+        assert!(p.admits_on_load_balancer(ip("192.0.2.7")));
+        assert!(!p.admits_on_load_balancer(ip("198.51.100.7")));
+        assert!(!p.admits_on_load_balancer(ip("203.0.113.5")));
+        let in_range = NodeInfo {
+            addresses: vec![ip("192.0.2.10")],
+            ..node()
+        };
+        let p = plan(&fw, &eps, IpFamily::V4, &in_range);
+        assert!(p.admits_on_load_balancer(ip("203.0.113.5")));
+        assert!(
+            plan(&port(), &eps, IpFamily::V4, &node()).admits_on_load_balancer(ip("198.51.100.7"))
+        );
 
         // Affinity timeout is carried.
         let sticky = ServicePort {

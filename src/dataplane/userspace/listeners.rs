@@ -42,6 +42,8 @@ pub struct ListenerSpec {
     pub family: IpFamily,
     /// Which endpoint list its connections use.
     pub path: Path,
+    /// A load-balancer IP listener: `loadBalancerSourceRanges` apply.
+    pub load_balancer: bool,
 }
 
 /// The listeners `snap` needs: one per service port on each of its IPs (ClusterIP for the
@@ -73,6 +75,7 @@ pub fn desired(
             let Some(plan) = plans.get(&(name.clone(), family)) else {
                 continue;
             };
+            let lb_ips: Vec<IpAddr> = port.load_balancer_ips_for(family).collect();
             let mut add = |ip: IpAddr, number: u16, path: Path| {
                 let key = ListenKey {
                     protocol: port.name.protocol,
@@ -82,6 +85,7 @@ pub fn desired(
                     port: name.clone(),
                     family,
                     path,
+                    load_balancer: path == Path::External && lb_ips.contains(&ip),
                 };
                 match out.get(&key) {
                     Some(existing) if existing.port != spec.port => {
@@ -260,7 +264,7 @@ impl ListenerSet {
                 Protocol::Udp => super::udp::open_udp(runtime, key.addr).map(|socket| {
                     runtime.spawn(super::udp::serve(
                         socket,
-                        spec.path,
+                        spec.clone(),
                         entry.clone(),
                         settings.clone(),
                         stop.clone(),
@@ -269,7 +273,7 @@ impl ListenerSet {
                 _ => open_tcp(runtime, key.addr).map(|listener| {
                     runtime.spawn(accept_loop(
                         listener,
-                        spec.path,
+                        spec.clone(),
                         entry.clone(),
                         settings.clone(),
                         stop.clone(),
@@ -334,7 +338,7 @@ fn open_tcp(runtime: &tokio::runtime::Handle, addr: SocketAddr) -> std::io::Resu
 
 async fn accept_loop(
     listener: TcpListener,
-    path: Path,
+    spec: ListenerSpec,
     entry: Arc<PortEntry>,
     settings: ConnSettings,
     stop: CancellationToken,
@@ -344,7 +348,7 @@ async fn accept_loop(
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve(stream, peer, path, entry.clone(), settings.clone()));
+                    tokio::spawn(serve(stream, peer, spec.clone(), entry.clone(), settings.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -365,17 +369,22 @@ fn refuse(stream: TcpStream) {
 async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
-    path: Path,
+    spec: ListenerSpec,
     entry: Arc<PortEntry>,
     settings: ConnSettings,
 ) {
     let _active = entry.counters.connection();
+    let path = spec.path;
     let local = path == Path::External && settings.local.contains(peer.ip());
-    let candidates = entry
-        .balancer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .candidates(peer.ip(), path, local, Instant::now());
+    let candidates = {
+        let mut balancer = entry.balancer.lock().unwrap_or_else(|p| p.into_inner());
+        if spec.load_balancer && !balancer.plan().admits_on_load_balancer(peer.ip()) {
+            tracing::debug!(client = %peer, service = %spec.port, "client outside loadBalancerSourceRanges");
+            Vec::new()
+        } else {
+            balancer.candidates(peer.ip(), path, local, Instant::now())
+        }
+    };
     if candidates.is_empty() {
         refuse(client);
         return;

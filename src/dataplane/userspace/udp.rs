@@ -18,7 +18,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::Path;
-use super::listeners::{ConnSettings, PortEntry};
+use super::listeners::{ConnSettings, ListenerSpec, PortEntry};
 use super::stats::ActiveGuard;
 
 /// How long a UDP session lives without a datagram in either direction (the kernel's
@@ -59,7 +59,7 @@ pub fn open_udp(runtime: &tokio::runtime::Handle, addr: SocketAddr) -> std::io::
 /// Relays datagrams of one service address until `stop`; sessions end with it.
 pub async fn serve(
     socket: UdpSocket,
-    path: Path,
+    spec: ListenerSpec,
     entry: Arc<PortEntry>,
     settings: ConnSettings,
     stop: CancellationToken,
@@ -81,7 +81,7 @@ pub async fn serve(
                 }
             },
         };
-        let Some(session) = session_for(&sessions, &socket, client, path, &entry, &settings).await
+        let Some(session) = session_for(&sessions, &socket, client, &spec, &entry, &settings).await
         else {
             continue;
         };
@@ -130,10 +130,11 @@ async fn session_for(
     sessions: &Sessions,
     socket: &Arc<UdpSocket>,
     client: SocketAddr,
-    path: Path,
+    spec: &ListenerSpec,
     entry: &Arc<PortEntry>,
     settings: &ConnSettings,
 ) -> Option<Arc<Session>> {
+    let path = spec.path;
     let existing = sessions
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -160,6 +161,9 @@ async fn session_for(
     let local = path == Path::External && settings.local.contains(client.ip());
     let endpoint = {
         let mut b = entry.balancer.lock().unwrap_or_else(|p| p.into_inner());
+        if spec.load_balancer && !b.plan().admits_on_load_balancer(client.ip()) {
+            return None;
+        }
         let first = *b
             .candidates(client.ip(), path, local, Instant::now())
             .first()?;
@@ -306,7 +310,12 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(serve(
             front,
-            Path::Internal,
+            ListenerSpec {
+                port: name.clone(),
+                family: crate::model::IpFamily::V4,
+                path: Path::Internal,
+                load_balancer: false,
+            },
             entry.clone(),
             ConnSettings {
                 idle_timeout: Duration::from_secs(10),
