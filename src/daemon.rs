@@ -145,6 +145,9 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     let trigger = SyncTrigger::new();
     let backend: Box<dyn Backend> = if opts.mode == Mode::Userspace {
         tracing::info!(node = %node_name, families = ?opts.families, "starting svcproxy in userspace mode");
+        for problem in cleanup_nat_modes() {
+            tracing::warn!(%problem, "cannot remove the NAT modes' rules");
+        }
         Box::new(UserspaceBackend::new(UserspaceOptions::from_flags(
             &opts.flags,
             &opts.families,
@@ -217,8 +220,19 @@ fn nft_tables() -> Option<String> {
 }
 
 /// `--cleanup`: removes the rules of every mode (svcproxy's and upstream kube-proxy's), in
-/// both families and both iptables variants. Returns what could not be removed.
+/// both families and both iptables variants, and the userspace mode's addresses. Returns
+/// what could not be removed.
 pub fn cleanup_everything() -> Vec<String> {
+    let mut problems = cleanup_nat_modes();
+    if let Err(e) = crate::dataplane::userspace::remove_addresses() {
+        problems.push(format!("userspace: {e}"));
+    }
+    problems
+}
+
+/// Removes the NAT modes' rules (iptables and nftables, svcproxy's and upstream's): what
+/// the userspace mode must not find when it starts, since their DNAT would take its traffic.
+pub fn cleanup_nat_modes() -> Vec<String> {
     let mut problems = Vec::new();
     for variant in [Variant::Nft, Variant::Legacy] {
         if variant == Variant::Legacy && !Variant::legacy_in_use() {
@@ -233,9 +247,6 @@ pub fn cleanup_everything() -> Vec<String> {
                 Err(e) => problems.push(format!("{variant:?} {family:?}: {e}")),
             }
         }
-    }
-    if let Err(e) = crate::dataplane::userspace::remove_addresses() {
-        problems.push(format!("userspace: {e}"));
     }
     if let Some(tables) = nft_tables() {
         for (family, name) in NFT_TABLES {

@@ -396,6 +396,31 @@ fn cleanup_leaves_nothing(mode: &str) {
     assert!(listening.trim().is_empty(), "listeners left:\n{listening}");
 }
 
+/// A node switched from iptables mode keeps serving, without the NAT rules left behind
+/// (their DNAT would otherwise take the traffic before the proxy sees it).
+fn takes_over_from_iptables(mode: &str) {
+    if mode == "iptables" {
+        skipped(mode, "take-over from iptables", "same mode");
+        return;
+    }
+    let mut t = started("iptables");
+    t.stop_proxy();
+    assert!(t.node.ok(&["iptables-save"]).contains("KUBE-SERVICES"));
+    t.start_proxy(mode, &[]);
+    t.wait_until(
+        "the NAT rules to be removed",
+        Duration::from_secs(20),
+        || !t.node.ok(&["iptables-save"]).contains("KUBE-"),
+    );
+    t.wait_until(
+        "the web ClusterIP to answer",
+        Duration::from_secs(20),
+        || Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+    );
+    let seen = spread(12, || Topology::http(&t.client, "10.96.0.10", 80));
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
 /// A dead endpoint (one that times out, one that refuses) is retried away by a proxy with no
 /// client-visible error. NAT modes have no retry: a connection DNATed to a dead endpoint
 /// fails, as with upstream kube-proxy.
@@ -462,6 +487,13 @@ macro_rules! packet_tests {
             fn flushed_rules_are_restored() {
                 if kernel_tests_possible(concat!(stringify!($mode), "::flushed_rules_are_restored")) {
                     super::flushed_rules_are_restored(stringify!($mode));
+                }
+            }
+
+            #[test]
+            fn takes_over_from_iptables() {
+                if kernel_tests_possible(concat!(stringify!($mode), "::takes_over_from_iptables")) {
+                    super::takes_over_from_iptables(stringify!($mode));
                 }
             }
 
