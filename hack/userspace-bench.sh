@@ -12,11 +12,16 @@
 # proxied one is accepted and spliced by svcproxy in the node. Traffic never leaves the
 # namespaces this script creates (svpusb-*), which are deleted on exit.
 #
-# usage: sudo hack/userspace-bench.sh        env: SECONDS_BULK=5 COUNT=2000 ROUNDS=3
+#   scale    (with SCALE=N) N services x 3 endpoints from hack/gen-manifests.py: the first
+#            sync (N addresses + N listeners) and a sync after one endpoint change, from the
+#            proxy's log, in a namespace of its own
+#
+# usage: sudo hack/userspace-bench.sh        env: SECONDS_BULK=5 COUNT=2000 ROUNDS=3 SCALE=0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_BULK=${SECONDS_BULK:-5}
+SCALE=${SCALE:-0}
 COUNT=${COUNT:-2000}
 ROUNDS=${ROUNDS:-3}
 
@@ -31,15 +36,15 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "$NODE" "$CLIENT" "$POD"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$NODE" "$CLIENT" "$POD" "$P-scale"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 
-in() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
-for ns in "$NODE" "$CLIENT" "$POD"; do ip netns add "$ns"; in "$ns" ip link set lo up; done
-in "$NODE" sysctl -qw net.ipv4.ip_forward=1
+for ns in "$NODE" "$CLIENT" "$POD"; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
+nsx "$NODE" sysctl -qw net.ipv4.ip_forward=1
 link() { # pod-side namespace, host-side interface, address
   ip -n "$NODE" link add "$2" type veth peer name eth0 netns "$1"
   ip -n "$NODE" link set "$2" up
@@ -53,7 +58,7 @@ link() { # pod-side namespace, host-side interface, address
 link "$POD" vpod 10.244.1.11
 link "$CLIENT" vcli 10.244.1.100
 
-in "$POD" "$TOOL" server 0.0.0.0:8080 & PIDS+=($!)
+nsx "$POD" "$TOOL" server 0.0.0.0:8080 & PIDS+=($!)
 
 mkdir -p "$WORK/m"
 cat > "$WORK/m/svc.yaml" <<'EOF'
@@ -76,17 +81,17 @@ addressType: IPv4
 ports: [{name: tcp, port: 8080, protocol: TCP}]
 endpoints: [{addresses: [10.244.1.11], nodeName: node-a}]
 EOF
-in "$NODE" env RUST_LOG=warn "$BIN" --proxy-mode userspace --hostname-override node-a \
+nsx "$NODE" env RUST_LOG=warn "$BIN" --proxy-mode userspace --hostname-override node-a \
   --cluster-cidr 10.244.0.0/16 --manifests-dir "$WORK/m" 2> "$WORK/proxy.log" & PIDS+=($!)
 PROXY_PID=$!
 
 for _ in $(seq 200); do
-  in "$CLIENT" "$TOOL" latency 10.96.0.10:80 1 >/dev/null 2>&1 && break
+  nsx "$CLIENT" "$TOOL" latency 10.96.0.10:80 1 >/dev/null 2>&1 && break
   sleep 0.05
 done
-in "$CLIENT" "$TOOL" latency 10.96.0.10:80 1 >/dev/null || { cat "$WORK/proxy.log"; exit 1; }
+nsx "$CLIENT" "$TOOL" latency 10.96.0.10:80 1 >/dev/null || { cat "$WORK/proxy.log"; exit 1; }
 
-run() { in "$CLIENT" "$TOOL" "$@"; }
+run() { nsx "$CLIENT" "$TOOL" "$@"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { sed -E "s/.*$1=([0-9.]+).*/\1/"; }
 
@@ -111,3 +116,23 @@ printf '%-34s %12.0f %12.0f %+12.0f\n' "connect+1B round trip p50 (us)" "$d50" "
 printf '%-34s %12.0f %12.0f %+12.0f\n' "connect+1B round trip p99 (us)" "$d99" "$p99" "$(echo "$p99 - $d99" | bc -l)"
 echo "proxy peak RSS: ${rss} MiB"
 echo "raw: bulk direct [$(paste -sd' ' "$WORK/bulk_direct")] proxied [$(paste -sd' ' "$WORK/bulk_proxy")]"
+
+if [ "$SCALE" -gt 0 ]; then
+  SNS=$P-scale
+  ip netns add "$SNS"; nsx "$SNS" ip link set lo up
+  python3 hack/gen-manifests.py -n "$SCALE" -e 3 -o "$WORK/scale" --per-file 500 >/dev/null
+  nsx "$SNS" env RUST_LOG=info "$BIN" --proxy-mode userspace --hostname-override node-0 \
+    --cluster-cidr 10.128.0.0/9 --min-sync-period 100ms --manifests-dir "$WORK/scale" 2> "$WORK/scale.log" & PIDS+=($!)
+  SPID=$!
+  wait_syncs() { for _ in $(seq 1200); do [ "$(grep -c 'synced rules' "$WORK/scale.log" || true)" -ge "$1" ] && return 0; sleep 0.05; done; tail "$WORK/scale.log"; return 1; }
+  wait_syncs 1
+  first=$(grep 'synced rules' "$WORK/scale.log" | sed -n 1p | sed -E 's/.*elapsed_ms=([0-9.]+).*/\1/')
+  f=$WORK/scale/gen-svc-000000.yaml
+  sed -i '0,/\[10\.128\.0\.2\]/s//[10.128.0.250]/' "$f"
+  wait_syncs 2
+  second=$(grep 'synced rules' "$WORK/scale.log" | sed -n 2p | sed -E 's/.*elapsed_ms=([0-9.]+).*/\1/')
+  addrs=$(nsx "$SNS" ip -d -o addr show dev lo | grep -c 'proto 0x53' || true)
+  listeners=$(nsx "$SNS" ss -Hltn | wc -l)
+  srss=$(awk '/VmHWM/ {print $2/1024}' "/proc/$SPID/status" 2>/dev/null || echo "?")
+  echo "scale: $SCALE services -> $addrs addresses, $listeners listeners; first sync ${first} ms, sync after one endpoint change ${second} ms; peak RSS ${srss} MiB"
+fi
