@@ -131,7 +131,7 @@ if [ "$SCALE" -gt 0 ]; then
   sed -i '0,/\[10\.128\.0\.2\]/s//[10.128.0.250]/' "$f"
   wait_syncs 2
   second=$(grep 'synced rules' "$WORK/scale.log" | sed -n 2p | sed -E 's/.*elapsed_ms=([0-9.]+).*/\1/')
-  addrs=$(nsx "$SNS" ip -d -o addr show dev lo | grep -c 'proto 0x53' || true)
+  addrs=$(nsx "$SNS" ip -o addr show dev lo | grep -cE 'inet 10\.(9[6-9]|10[0-9]|11[01])\.' || true)
   listeners=$(nsx "$SNS" ss -Hltn | wc -l)
   srss=$(awk '/VmHWM/ {print $2/1024}' "/proc/$SPID/status" 2>/dev/null || echo "?")
   echo "scale: $SCALE services -> $addrs addresses, $listeners listeners; first sync ${first} ms, sync after one endpoint change ${second} ms; peak RSS ${srss} MiB"

@@ -2,7 +2,7 @@
 //! where the kernel supports one, else on `lo`.
 //!
 //! Every address svcproxy adds carries the address protocol [`ADDRESS_PROTO`] (`IFA_PROTO`,
-//! `ip -d addr` shows `proto 0x53`), so reconciliation and `--cleanup` find exactly
+//! recent iproute2 shows `proto 0x53`), so reconciliation and `--cleanup` find exactly
 //! svcproxy's addresses and never touch an admin's. The kernel edge is the small
 //! [`AddressEdge`] trait; [`FakeAddresses`] implements it in memory for unit tests.
 
