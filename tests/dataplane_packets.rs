@@ -352,6 +352,9 @@ fn nft_flush_if_used(t: &Topology, mode: &str) {
 
 fn cleanup_leaves_nothing(mode: &str) {
     let mut t = started(mode);
+    // An address the admin put on lo is not svcproxy's: no mode may remove it.
+    t.node
+        .ok(&["ip", "addr", "add", "192.0.2.99/32", "dev", "lo"]);
     t.stop_proxy();
     if mode == "userspace" {
         // The proxy is the dataplane: after a stop its addresses stay, its listeners die.
@@ -392,6 +395,10 @@ fn cleanup_leaves_nothing(mode: &str) {
         assert!(!addrs.contains(ip), "{ip}* left after --cleanup:\n{addrs}");
     }
     assert!(!addrs.contains("svcproxy0"), "{addrs}");
+    assert!(
+        addrs.contains("192.0.2.99/32"),
+        "the admin's address stays:\n{addrs}"
+    );
     let listening = t.node.ok(&["ss", "-Hltun"]);
     assert!(listening.trim().is_empty(), "listeners left:\n{listening}");
 }
