@@ -12,6 +12,7 @@ use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::userspace::stats::UserspaceStats;
 use crate::dataplane::userspace::{UserspaceBackend, UserspaceOptions};
 use crate::dataplane::{Backend, BackendError};
 use crate::model::{ChangeTracker, IpFamily, NodeInfo, Snapshot};
@@ -60,6 +61,8 @@ pub struct DaemonOptions {
 
 /// A running daemon; [`Daemon::stop`] ends it and leaves the rules in place.
 pub struct Daemon {
+    /// The userspace proxy's per-service-port counters (userspace mode only).
+    pub userspace_stats: Option<Arc<UserspaceStats>>,
     trigger: SyncTrigger,
     runner: Option<JoinHandle<()>>,
     _watch: Option<ManifestsWatch>,
@@ -143,15 +146,15 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         ..NodeInfo::default()
     })));
     let trigger = SyncTrigger::new();
+    let mut userspace_stats = None;
     let backend: Box<dyn Backend> = if opts.mode == Mode::Userspace {
         tracing::info!(node = %node_name, families = ?opts.families, "starting svcproxy in userspace mode");
         for problem in cleanup_nat_modes() {
             tracing::warn!(%problem, "cannot remove the NAT modes' rules");
         }
-        Box::new(UserspaceBackend::new(UserspaceOptions::from_flags(
-            &opts.flags,
-            &opts.families,
-        ))?)
+        let options = UserspaceOptions::from_flags(&opts.flags, &opts.families);
+        userspace_stats = Some(options.stats.clone());
+        Box::new(UserspaceBackend::new(options)?)
     } else {
         if probe.serves_localhost_node_ports() {
             // Localhost NodePorts need route_localnet (set in this network namespace only).
@@ -195,6 +198,7 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         }
     };
     Ok(Daemon {
+        userspace_stats,
         trigger,
         runner: Some(runner),
         _watch: watch,

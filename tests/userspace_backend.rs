@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use svcproxy::dataplane::Backend;
 use svcproxy::dataplane::userspace::addresses::FakeAddresses;
+use svcproxy::dataplane::userspace::stats::UserspaceStats;
 use svcproxy::dataplane::userspace::{
     DEFAULT_IDLE_TIMEOUT, NodeSettings, UserspaceBackend, UserspaceOptions,
 };
@@ -112,6 +113,7 @@ fn connections_outlive_endpoint_changes_and_end_with_the_service() {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             node_settings: Box::new(|_| NodeSettings::default()),
             worker_threads: 2,
+            stats: UserspaceStats::new(),
         },
         Box::new(FakeAddresses::default()),
     )
@@ -193,6 +195,7 @@ fn a_failing_endpoint_is_counted_and_skipped() {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             node_settings: Box::new(|_| NodeSettings::default()),
             worker_threads: 1,
+            stats: UserspaceStats::new(),
         },
         Box::new(FakeAddresses::default()),
     )
@@ -223,6 +226,7 @@ fn load_balancer_source_ranges_are_enforced() {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             node_settings: Box::new(|_| NodeSettings::default()),
             worker_threads: 1,
+            stats: UserspaceStats::new(),
         },
         Box::new(FakeAddresses::default()),
     )

@@ -100,6 +100,9 @@ pub struct UserspaceOptions {
     pub node_settings: NodeSettingsFn,
     /// Worker threads of the proxy runtime.
     pub worker_threads: usize,
+    /// Where the per-service-port counters go; keep a clone to export them (the backend
+    /// itself moves into the sync runner).
+    pub stats: Arc<UserspaceStats>,
 }
 
 impl UserspaceOptions {
@@ -125,6 +128,7 @@ impl UserspaceOptions {
                 }
             }),
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            stats: UserspaceStats::new(),
         }
     }
 }
@@ -187,7 +191,7 @@ impl UserspaceBackend {
             listeners: ListenerSet::default(),
             entries: HashMap::new(),
             desired_addresses: BTreeSet::new(),
-            stats: UserspaceStats::new(),
+            stats: opts.stats.clone(),
             settings: ConnSettings {
                 idle_timeout: opts.idle_timeout,
                 local: Arc::new(LocalClients::default()),
