@@ -70,6 +70,8 @@ pub enum ConfigError {
 pub enum ProxyMode {
     /// iptables-restore batches in upstream's chain layout.
     Iptables,
+    /// Proxy connections in the svcproxy process (no NAT rules).
+    Userspace,
 }
 
 impl ProxyMode {
@@ -77,6 +79,7 @@ impl ProxyMode {
     pub fn name(self) -> &'static str {
         match self {
             ProxyMode::Iptables => "iptables",
+            ProxyMode::Userspace => "userspace",
         }
     }
 

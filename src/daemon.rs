@@ -14,11 +14,13 @@ use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::userspace::stats::UserspaceStats;
+use crate::dataplane::userspace::{UserspaceBackend, UserspaceOptions};
 use crate::dataplane::{Backend, BackendError};
 use crate::health::service::ServiceHealthServers;
 use crate::health::{self, ProxyHealth};
 use crate::http::{self, BindError};
-use crate::metrics::{self, Metrics, MetricsObserver, ProcessCollector};
+use crate::metrics::{self, Metrics, MetricsObserver, ProcessCollector, UserspaceCollector};
 use crate::model::{ChangeTracker, IpFamily, NodeInfo, Snapshot};
 use crate::source::api::{self, ApiError, ApiWatch};
 use crate::source::manifests::{self, ManifestsError, ManifestsWatch};
@@ -119,7 +121,8 @@ pub fn local_addresses() -> Vec<IpAddr> {
     out
 }
 
-fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
+/// Sets `/proc/sys/<name>` in this network namespace (skipped when it already has `value`).
+pub(crate) fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
     let path = format!("/proc/sys/{name}");
     if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
         return Ok(());
@@ -179,6 +182,9 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     registry.register_collector(Box::new(ProcessCollector));
+    // Per-service connection counters of the userspace proxy (empty in the other modes).
+    let userspace_stats = UserspaceStats::new();
+    registry.register_collector(Box::new(UserspaceCollector(userspace_stats.clone())));
     let registry = Arc::new(registry);
     let health = ProxyHealth::new(2 * settings.sync_period, trigger.clone(), tracker.clone());
 
@@ -212,6 +218,15 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
             opts.iptables_variant,
             &opts.families,
         )?),
+        ProxyMode::Userspace => {
+            // Another mode's DNAT rules would take the traffic the listeners should get.
+            for problem in cleanup_nat_modes() {
+                tracing::warn!(%problem, "cannot remove the NAT modes' rules");
+            }
+            let mut options = UserspaceOptions::from_flags(&settings.proxy, &opts.families);
+            options.stats = userspace_stats;
+            Box::new(UserspaceBackend::new(options)?)
+        }
     };
     let sync_settings = SyncSettings {
         min_sync_period: settings.min_sync_period,
@@ -228,10 +243,13 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         health,
         opts.families.contains(&IpFamily::V6),
     )));
-    runner.observe(Box::new(ConntrackCleaner::new(
-        opts.families.clone(),
-        metrics.clone(),
-    )));
+    if mode != ProxyMode::Userspace {
+        // The userspace proxy creates no conntrack NAT entries to clean.
+        runner.observe(Box::new(ConntrackCleaner::new(
+            opts.families.clone(),
+            metrics.clone(),
+        )));
+    }
     let runner = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || runner.run())
@@ -294,8 +312,19 @@ fn nft_tables() -> Option<String> {
 }
 
 /// `--cleanup`: removes the rules of every mode (svcproxy's and upstream kube-proxy's), in
-/// both families and both iptables variants. Returns what could not be removed.
+/// both families and both iptables variants, and the userspace mode's addresses. Returns
+/// what could not be removed.
 pub fn cleanup_everything() -> Vec<String> {
+    let mut problems = cleanup_nat_modes();
+    if let Err(e) = crate::dataplane::userspace::remove_addresses() {
+        problems.push(format!("userspace: {e}"));
+    }
+    problems
+}
+
+/// Removes the NAT modes' rules (iptables and nftables, svcproxy's and upstream's): what
+/// the userspace mode must not find when it starts, since their DNAT would take its traffic.
+pub fn cleanup_nat_modes() -> Vec<String> {
     let mut problems = Vec::new();
     for variant in [Variant::Nft, Variant::Legacy] {
         if variant == Variant::Legacy && !Variant::legacy_in_use() {

@@ -140,7 +140,13 @@ fn init_logging(default_filter: &str, format: LogFormat) {
 }
 
 fn render(args: RenderArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
+    if args.proxy_mode != ProxyMode::Iptables {
+        eprintln!(
+            "svcproxy render: --proxy-mode {} programs no rules to print",
+            args.proxy_mode.name()
+        );
+        return ExitCode::FAILURE;
+    }
     let family = match args.ip_family {
         Family::V4 => IpFamily::V4,
         Family::V6 => IpFamily::V6,

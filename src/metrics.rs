@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::dataplane::userspace::stats::UserspaceStats;
 use crate::model::{ChangeTracker, Snapshot};
 use crate::sync::{SyncObserver, SyncReport, SyncTrigger};
 
@@ -394,6 +395,64 @@ impl prometheus_client::collector::Collector for ProcessCollector {
                 None,
                 MetricType::Gauge,
             )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The userspace proxy's per-service-port counters, read at scrape time:
+/// `kubeproxy_userspace_active_connections`, `..._connections_accepted_total` and
+/// `..._connect_errors_total`, labelled `namespace`, `service`, `port`, `protocol`.
+#[derive(Debug)]
+pub struct UserspaceCollector(pub std::sync::Arc<UserspaceStats>);
+
+impl prometheus_client::collector::Collector for UserspaceCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let ports = self.0.snapshot();
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let labels = |p: &crate::dataplane::userspace::stats::PortStatsSnapshot| {
+            [
+                ("namespace", p.name.service.namespace.clone()),
+                ("service", p.name.service.name.clone()),
+                ("port", p.name.port.clone()),
+                ("protocol", p.name.protocol.as_str().to_string()),
+            ]
+        };
+        let mut family = encoder.encode_descriptor(
+            "kubeproxy_userspace_active_connections",
+            "Client connections the userspace proxy is serving, per service port",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &ports {
+            ConstGauge::new(p.active as i64).encode(family.encode_family(&labels(p))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "kubeproxy_userspace_connections_accepted",
+            "Client connections the userspace proxy accepted, per service port",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &ports {
+            ConstCounter::new(p.accepted).encode(family.encode_family(&labels(p))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "kubeproxy_userspace_connect_errors",
+            "Endpoint connection attempts that failed or timed out, per service port",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &ports {
+            ConstCounter::new(p.connect_errors).encode(family.encode_family(&labels(p))?)?;
         }
         Ok(())
     }

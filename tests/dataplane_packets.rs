@@ -98,6 +98,16 @@ fn spread(n: usize, mut get: impl FnMut() -> Option<String>) -> BTreeMap<String,
     seen
 }
 
+/// A NAT mode rewrites packets, so endpoints see the client's address; a proxy that
+/// terminates connections (userspace) connects from the node instead.
+fn preserves_source_ip(mode: &str) -> bool {
+    mode != "userspace"
+}
+
+fn skipped(mode: &str, check: &str, why: &str) {
+    eprintln!("[{mode}] SKIPPED check {check}: {why}");
+}
+
 fn started(mode: &str) -> Topology {
     let mut t = Topology::new();
     cluster_manifests(&t);
@@ -129,10 +139,18 @@ fn every_path_works(mode: &str) {
     );
     // A pod client keeps its source IP.
     let answer = Topology::http(&t.client, "10.96.0.10", 80).unwrap();
-    assert!(
-        answer.ends_with(CLIENT_IP),
-        "pod source preserved: {answer}"
-    );
+    if preserves_source_ip(mode) {
+        assert!(
+            answer.ends_with(CLIENT_IP),
+            "pod source preserved: {answer}"
+        );
+    } else {
+        skipped(
+            mode,
+            "pod source IP",
+            "a TCP proxy connects to the endpoint from the node",
+        );
+    }
 
     // NodePort, load-balancer IP and external IP from the external host: spread, and
     // masqueraded (ETP Cluster) so the pod sees the node, not the client.
@@ -179,10 +197,18 @@ fn every_path_works(mode: &str) {
             "ETP Local {host}:{port}: {seen:?}"
         );
         let answer = Topology::http(&t.external, host, port).unwrap();
-        assert!(
-            answer.ends_with(EXTERNAL_IP),
-            "ETP Local preserves the client IP: {answer}"
-        );
+        if preserves_source_ip(mode) {
+            assert!(
+                answer.ends_with(EXTERNAL_IP),
+                "ETP Local preserves the client IP: {answer}"
+            );
+        } else {
+            skipped(
+                mode,
+                "ETP Local client IP",
+                "a TCP proxy connects to the endpoint from the node",
+            );
+        }
     }
     // ...while pods still reach every endpoint through the ClusterIP.
     let internal = spread(30, || Topology::http(&t.client, "10.96.0.12", 80));
@@ -279,6 +305,26 @@ fn endpoint_changes_converge(mode: &str) {
 
 fn flushed_rules_are_restored(mode: &str) {
     let t = started(mode);
+    if mode == "userspace" {
+        // No netfilter rules to flush; the state that can be removed behind the proxy's
+        // back is its service addresses.
+        t.node
+            .ok(&["ip", "addr", "del", "10.96.0.10/32", "dev", "lo"]);
+        assert!(
+            Topology::http(&t.client, "10.96.0.10", 80).is_none(),
+            "the address is gone"
+        );
+        let took = t.wait_until(
+            "the address to be restored",
+            Duration::from_secs(15),
+            || Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+        );
+        eprintln!(
+            "[{mode}] address restored {} ms after its removal",
+            took.as_millis()
+        );
+        return;
+    }
     for cmd in [
         vec!["iptables", "-t", "nat", "-F"],
         vec!["iptables", "-t", "nat", "-X"],
@@ -306,12 +352,24 @@ fn nft_flush_if_used(t: &Topology, mode: &str) {
 
 fn cleanup_leaves_nothing(mode: &str) {
     let mut t = started(mode);
+    // An address the admin put on lo is not svcproxy's: no mode may remove it.
+    t.node
+        .ok(&["ip", "addr", "add", "192.0.2.99/32", "dev", "lo"]);
     t.stop_proxy();
-    // Rules stay after a normal stop...
-    assert!(
-        Topology::http(&t.client, "10.96.0.10", 80).is_some(),
-        "rules survive a SIGTERM"
-    );
+    if mode == "userspace" {
+        // The proxy is the dataplane: after a stop its addresses stay, its listeners die.
+        let addrs = t.node.ok(&["ip", "-d", "addr", "show", "dev", "lo"]);
+        assert!(
+            addrs.contains("10.96.0.10/32"),
+            "addresses survive a SIGTERM:\n{addrs}"
+        );
+    } else {
+        // Rules stay after a normal stop...
+        assert!(
+            Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+            "rules survive a SIGTERM"
+        );
+    }
     let out = t.node.run(&[env!("CARGO_BIN_EXE_svcproxy"), "--cleanup"]);
     assert!(
         out.status.success(),
@@ -330,6 +388,86 @@ fn cleanup_leaves_nothing(mode: &str) {
     assert!(
         Topology::http(&t.client, "10.96.0.10", 80).is_none(),
         "service gone after cleanup"
+    );
+    // No service address and no listener left in the node.
+    let addrs = t.node.ok(&["ip", "-d", "addr", "show"]);
+    for ip in ["10.96.0.", "203.0.113.", "198.51.100.", "fd00:96::"] {
+        assert!(!addrs.contains(ip), "{ip}* left after --cleanup:\n{addrs}");
+    }
+    assert!(!addrs.contains("svcproxy0"), "{addrs}");
+    assert!(
+        addrs.contains("192.0.2.99/32"),
+        "the admin's address stays:\n{addrs}"
+    );
+    let listening = t.node.ok(&["ss", "-Hltun"]);
+    assert!(listening.trim().is_empty(), "listeners left:\n{listening}");
+}
+
+/// A node switched from iptables mode keeps serving, without the NAT rules left behind
+/// (their DNAT would otherwise take the traffic before the proxy sees it).
+fn takes_over_from_iptables(mode: &str) {
+    if mode == "iptables" {
+        skipped(mode, "take-over from iptables", "same mode");
+        return;
+    }
+    let mut t = started("iptables");
+    t.stop_proxy();
+    assert!(t.node.ok(&["iptables-save"]).contains("KUBE-SERVICES"));
+    t.start_proxy(mode, &[]);
+    t.wait_until(
+        "the NAT rules to be removed",
+        Duration::from_secs(20),
+        || !t.node.ok(&["iptables-save"]).contains("KUBE-"),
+    );
+    t.wait_until(
+        "the web ClusterIP to answer",
+        Duration::from_secs(20),
+        || Topology::http(&t.client, "10.96.0.10", 80).is_some(),
+    );
+    let seen = spread(12, || Topology::http(&t.client, "10.96.0.10", 80));
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+/// A dead endpoint (one that times out, one that refuses) is retried away by a proxy with no
+/// client-visible error. NAT modes have no retry: a connection DNATed to a dead endpoint
+/// fails, as with upstream kube-proxy.
+fn dead_endpoints_are_skipped(mode: &str) {
+    if mode != "userspace" {
+        skipped(
+            mode,
+            "dead endpoint retry",
+            "NAT modes do not retry connects",
+        );
+        return;
+    }
+    let t = started(mode);
+    let p = |i| pod_ip(i);
+    t.write_manifest(
+        "flaky.yaml",
+        &[
+            "apiVersion: v1\nkind: Service\nmetadata: {namespace: test, name: flaky}\nspec:\n  clusterIP: 10.96.0.16\n  ports: [{name: http, port: 80}]\n".to_string(),
+            // 10.244.1.14 has no pod: its SYNs leave through the node's default route and are
+            // never answered (timeout). pod-3 has nothing on 9999 (refused at once).
+            slice("flaky", "flaky-1", "IPv4", "http", "TCP", 8080, &[(&p(1), "node-a"), (&p(2), "node-a"), ("10.244.1.14", "node-a")]),
+            slice("flaky", "flaky-2", "IPv4", "http", "TCP", 9999, &[(&p(3), "node-a")]),
+        ]
+        .join("---\n"),
+    );
+    t.wait_until(
+        "the flaky ClusterIP to answer",
+        Duration::from_secs(10),
+        || Topology::http(&t.client, "10.96.0.16", 80).is_some(),
+    );
+    let start = std::time::Instant::now();
+    let seen = spread(30, || Topology::http(&t.client, "10.96.0.16", 80));
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        vec!["pod-1", "pod-2"],
+        "every request answered by a live endpoint: {seen:?}"
+    );
+    eprintln!(
+        "[{mode}] 30 requests over 2 live + 2 dead endpoints took {} ms",
+        start.elapsed().as_millis()
     );
 }
 
@@ -360,6 +498,20 @@ macro_rules! packet_tests {
             }
 
             #[test]
+            fn takes_over_from_iptables() {
+                if kernel_tests_possible(concat!(stringify!($mode), "::takes_over_from_iptables")) {
+                    super::takes_over_from_iptables(stringify!($mode));
+                }
+            }
+
+            #[test]
+            fn dead_endpoints_are_skipped() {
+                if kernel_tests_possible(concat!(stringify!($mode), "::dead_endpoints_are_skipped")) {
+                    super::dead_endpoints_are_skipped(stringify!($mode));
+                }
+            }
+
+            #[test]
             fn cleanup_leaves_nothing() {
                 if kernel_tests_possible(concat!(stringify!($mode), "::cleanup_leaves_nothing")) {
                     super::cleanup_leaves_nothing(stringify!($mode));
@@ -369,4 +521,4 @@ macro_rules! packet_tests {
     )*};
 }
 
-packet_tests!(iptables);
+packet_tests!(iptables, userspace);

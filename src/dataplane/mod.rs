@@ -5,6 +5,7 @@
 
 pub mod iptables;
 pub mod naming;
+pub mod userspace;
 
 use std::time::Duration;
 
@@ -58,6 +59,9 @@ pub enum BackendError {
     /// Cleanup finished but something is still installed.
     #[error("cleanup left {0} behind")]
     Leftovers(String),
+    /// The userspace proxy's addresses, listeners or runtime failed.
+    #[error(transparent)]
+    Userspace(#[from] userspace::UserspaceError),
     /// A sysctl could not be set.
     #[error("cannot set sysctl {name}: {source}")]
     Sysctl {
