@@ -133,6 +133,17 @@ fn api_service_reachable(mode: &str) {
     assert!(metric(&body, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0);
     assert!(metric(&body, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 1.0);
     assert!(metric(&body, "kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0);
+    match mode {
+        "iptables" => assert!(
+            metric(&body, "kubeproxy_sync_proxy_rules_iptables_total") >= 5.0,
+            "the service's rules are counted"
+        ),
+        "userspace" => assert!(
+            metric(&body, "kubeproxy_userspace_connections_accepted_total") >= 30.0,
+            "the proxied connections are counted"
+        ),
+        _ => {}
+    }
     assert!(
         metric(
             &body,
@@ -174,4 +185,4 @@ macro_rules! api_tests {
     )*};
 }
 
-api_tests!(iptables);
+api_tests!(iptables, userspace);
