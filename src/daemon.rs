@@ -219,13 +219,19 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
             &opts.families,
         )?),
         ProxyMode::Userspace => {
-            // Another mode's DNAT rules would take the traffic the listeners should get.
-            for problem in cleanup_nat_modes() {
-                tracing::warn!(%problem, "cannot remove the NAT modes' rules");
-            }
             let mut options = UserspaceOptions::from_flags(&settings.proxy, &opts.families);
             options.stats = userspace_stats;
-            Box::new(UserspaceBackend::new(options)?)
+            // The backend runs its own runtime and blocks on it: build it off this one.
+            let built = tokio::task::spawn_blocking(move || {
+                // Another mode's DNAT rules would take the traffic the listeners should get.
+                for problem in cleanup_nat_modes() {
+                    tracing::warn!(%problem, "cannot remove the NAT modes' rules");
+                }
+                UserspaceBackend::new(options)
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            Box::new(built?)
         }
     };
     let sync_settings = SyncSettings {
