@@ -8,11 +8,12 @@ use std::thread::JoinHandle;
 
 use crate::config::{ConfigError, ProxyFlags};
 use crate::conntrack::{NetlinkConntrack, cleanup_stale_flows};
-use crate::dataplane::BackendError;
 use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::nftables;
+use crate::dataplane::{Backend, BackendError, ProxyMode};
 use crate::model::{ChangeTracker, IpFamily, NodeInfo, Snapshot};
 use crate::source::manifests::{self, ManifestsError, ManifestsWatch};
 use crate::sync::{SyncObserver, SyncReport, SyncRunner, SyncSettings, SyncTrigger};
@@ -51,6 +52,8 @@ pub struct DaemonOptions {
     pub iptables_variant: Option<Variant>,
     /// Families to serve.
     pub families: Vec<IpFamily>,
+    /// `--proxy-mode`.
+    pub mode: ProxyMode,
     /// Extra observers of each sync (conntrack cleanup, metrics, health).
     pub observers: Vec<Box<dyn SyncObserver>>,
 }
@@ -128,8 +131,7 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         // Localhost NodePorts need route_localnet (set in this network namespace only).
         set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
     }
-    let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
-    tracing::info!(node = %node_name, iptables = ?variant, families = ?opts.families, "starting svcproxy in iptables mode");
+    tracing::info!(node = %node_name, mode = ?opts.mode, families = ?opts.families, "starting svcproxy");
 
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(NodeInfo {
         name: node_name.clone(),
@@ -148,13 +150,20 @@ pub fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
                 }
             })
     });
-    let backend = IptablesBackend::new(ProcessEdge::new(variant), &opts.families, config);
-    let mut runner = SyncRunner::new(
-        tracker.clone(),
-        Box::new(backend),
-        trigger.clone(),
-        opts.settings,
-    );
+    let backend: Box<dyn Backend> = match opts.mode {
+        ProxyMode::Iptables => {
+            let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
+            tracing::info!(iptables = ?variant, "iptables variant");
+            nftables::backend::remove_leftovers_of_nftables_mode();
+            Box::new(IptablesBackend::new(
+                ProcessEdge::new(variant),
+                &opts.families,
+                config,
+            ))
+        }
+        ProxyMode::Nftables => Box::new(nftables::backend::start(&opts.families, config)),
+    };
+    let mut runner = SyncRunner::new(tracker.clone(), backend, trigger.clone(), opts.settings);
     for o in opts.observers {
         runner.observe(o);
     }

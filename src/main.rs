@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use svcproxy::config::ProxyFlags;
 use svcproxy::daemon::{self, DaemonOptions};
+use svcproxy::dataplane::ProxyMode;
 use svcproxy::dataplane::iptables::edge::Variant;
 use svcproxy::model::IpFamily;
 use svcproxy::sync::SyncSettings;
@@ -59,11 +60,6 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProxyMode {
-    Iptables,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Family {
     #[value(name = "4")]
     V4,
@@ -79,7 +75,8 @@ struct RenderArgs {
     /// The proxy mode whose rules to print.
     #[arg(long, value_enum, default_value = "iptables")]
     proxy_mode: ProxyMode,
-    /// IP family of the rule set (iptables-restore for 4, ip6tables-restore for 6).
+    /// IP family of the rule set (iptables-restore for 4, ip6tables-restore for 6; the
+    /// `ip` or `ip6` table in nftables mode).
     #[arg(long, value_enum, default_value = "4")]
     ip_family: Family,
     #[command(flatten)]
@@ -103,12 +100,11 @@ fn main() -> ExitCode {
 }
 
 fn render(args: RenderArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
     let family = match args.ip_family {
         Family::V4 => IpFamily::V4,
         Family::V6 => IpFamily::V6,
     };
-    match svcproxy::render::render_files(&args.files, &args.flags, family) {
+    match svcproxy::render::render_files(&args.files, &args.flags, family, args.proxy_mode) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("warning: skipped {w}");
@@ -137,7 +133,6 @@ fn cleanup() -> ExitCode {
 }
 
 fn run_daemon(args: DaemonArgs) -> ExitCode {
-    let ProxyMode::Iptables = args.proxy_mode;
     let settings = SyncSettings {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
@@ -151,6 +146,7 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
         manifests_dir: args.manifests_dir,
         settings,
         iptables_variant: args.iptables_backend,
+        mode: args.proxy_mode,
         observers: daemon::default_observers(&families),
         families,
     };

@@ -5,10 +5,21 @@
 
 pub mod iptables;
 pub mod naming;
+pub mod nftables;
 
 use std::time::Duration;
 
 use crate::model::{Changes, Snapshot};
+
+/// `--proxy-mode`: which backend programs the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// iptables-restore batches in upstream's chain layout.
+    #[default]
+    Iptables,
+    /// One nftables table per family, deltas as single `nft` transactions.
+    Nftables,
+}
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,6 +40,10 @@ pub struct SyncStats {
     pub no_local_external: usize,
     /// Time spent in the kernel tool.
     pub kernel_time: Duration,
+    /// Objects (chains, sets, elements) found different from what the backend last
+    /// committed when this sync verified the kernel (nftables periodic resync); nonzero
+    /// means something else changed the rules. Export as a counter.
+    pub drift: usize,
 }
 
 /// A kernel operation that failed.

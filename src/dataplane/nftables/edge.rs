@@ -1,0 +1,267 @@
+//! The nftables kernel edge: the only code that runs `nft`.
+//!
+//! The trait is deliberately narrow (apply one transaction, list table names, list one
+//! table, check the canary) so that a netlink implementation can replace [`ProcessEdge`]
+//! without touching the renderer, the differ or the backend.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use super::diff::TableState;
+use super::{
+    CLUSTER_IPS, FIREWALL_IPS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, NODEPORT_IPS,
+    SERVICE_IPS, SERVICE_NODEPORTS, SERVICES_CHAIN, TABLE, ip_kw,
+};
+use crate::dataplane::BackendError;
+use crate::model::IpFamily;
+
+/// Sets and maps whose elements svcproxy writes (and the resync compares).
+pub const MANAGED_SETS: &[&str] = &[
+    SERVICE_IPS,
+    SERVICE_NODEPORTS,
+    NO_ENDPOINT_SERVICES,
+    NO_ENDPOINT_NODEPORTS,
+    FIREWALL_IPS,
+    CLUSTER_IPS,
+    NODEPORT_IPS,
+];
+
+/// The kernel operations the nftables backend needs.
+pub trait NftEdge: Send {
+    /// Applies one transaction atomically: all of it or, on error, none of it.
+    fn apply(&mut self, transaction: &str) -> Result<(), BackendError>;
+
+    /// `(family, name)` of every nftables table in the namespace.
+    fn tables(&mut self) -> Result<Vec<(String, String)>, BackendError>;
+
+    /// svcproxy's table of `family` in comparable form (`None` when it does not exist).
+    /// Expensive at scale: only for start-up and the periodic resync.
+    fn list_table(&mut self, family: IpFamily) -> Result<Option<TableState>, BackendError>;
+
+    /// Cheap check that svcproxy's table of `family` still dispatches services (its
+    /// `services` chain holds the `service-ips` lookup).
+    fn canary(&mut self, family: IpFamily) -> Result<bool, BackendError>;
+}
+
+/// Runs the `nft` binary.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessEdge;
+
+fn run(args: &[&str], stdin: Option<&str>) -> Result<Output, BackendError> {
+    let spawn_err = |source| BackendError::Spawn {
+        tool: "nft".into(),
+        source,
+    };
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        // nft reads everything before it applies: a write error shows up in its status.
+        let _ = pipe.write_all(input.as_bytes());
+    }
+    child.wait_with_output().map_err(spawn_err)
+}
+
+fn tool_error(args: &[&str], out: &Output) -> BackendError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A failing transaction can print one error per bad line: keep the first few.
+    let stderr: Vec<&str> = stderr.trim().lines().take(12).collect();
+    BackendError::Tool {
+        tool: format!("nft {}", args.join(" ")),
+        status: out.status.to_string(),
+        stderr: stderr.join("\n"),
+    }
+}
+
+impl NftEdge for ProcessEdge {
+    fn apply(&mut self, transaction: &str) -> Result<(), BackendError> {
+        let args = ["-f", "-"];
+        let out = run(&args, Some(transaction))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(tool_error(&args, &out))
+        }
+    }
+
+    fn tables(&mut self) -> Result<Vec<(String, String)>, BackendError> {
+        let args = ["list", "tables"];
+        let out = run(&args, None)?;
+        if !out.status.success() {
+            return Err(tool_error(&args, &out));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("table")).then_some(())?;
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect())
+    }
+
+    fn list_table(&mut self, family: IpFamily) -> Result<Option<TableState>, BackendError> {
+        if !self
+            .tables()?
+            .iter()
+            .any(|(f, n)| f == ip_kw(family) && n == TABLE)
+        {
+            return Ok(None);
+        }
+        let args = ["-j", "list", "table", ip_kw(family), TABLE];
+        let out = run(&args, None)?;
+        if !out.status.success() {
+            return Err(tool_error(&args, &out));
+        }
+        let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| BackendError::Tool {
+            tool: format!("nft {}", args.join(" ")),
+            status: "unparsable output".into(),
+            stderr: e.to_string(),
+        })?;
+        Ok(Some(parse_listing(&json)))
+    }
+
+    fn canary(&mut self, family: IpFamily) -> Result<bool, BackendError> {
+        let args = ["list", "chain", ip_kw(family), TABLE, SERVICES_CHAIN];
+        let out = run(&args, None)?;
+        // A missing table or chain is a non-zero exit: the canary is gone.
+        Ok(out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains(&format!("@{SERVICE_IPS}")))
+    }
+}
+
+/// nft syntax of one JSON key or key part.
+fn key_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) => {
+            if let Some(Value::Array(parts)) = o.get("concat") {
+                parts.iter().map(key_text).collect::<Vec<_>>().join(" . ")
+            } else if let Some(inner) = o.get("elem").and_then(|e| e.get("val")) {
+                key_text(inner)
+            } else if let Some(Value::Object(p)) = o.get("prefix") {
+                format!(
+                    "{}/{}",
+                    p.get("addr").map(key_text).unwrap_or_default(),
+                    p.get("len").map(key_text).unwrap_or_default()
+                )
+            } else {
+                v.to_string()
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// nft syntax of one JSON verdict (`goto chain`, `drop`).
+fn verdict_text(v: &Value) -> String {
+    match v {
+        Value::Object(o) => match o.iter().next() {
+            Some((verdict, Value::Object(t))) => match t.get("target") {
+                Some(Value::String(target)) => format!("{verdict} {target}"),
+                _ => verdict.clone(),
+            },
+            Some((verdict, _)) => verdict.clone(),
+            None => String::new(),
+        },
+        other => key_text(other),
+    }
+}
+
+/// Reads `nft -j list table` output into comparable form.
+pub fn parse_listing(json: &Value) -> TableState {
+    let mut st = TableState::default();
+    let managed: BTreeSet<&str> = MANAGED_SETS.iter().copied().collect();
+    let items = json
+        .get("nftables")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for item in items {
+        if let Some(c) = item.get("chain") {
+            if let Some(name) = c.get("name").and_then(Value::as_str) {
+                st.chains.entry(name.to_string()).or_insert(0);
+            }
+        } else if let Some(r) = item.get("rule") {
+            if let Some(chain) = r.get("chain").and_then(Value::as_str) {
+                *st.chains.entry(chain.to_string()).or_insert(0) += 1;
+            }
+        } else if let Some(s) = item.get("set").or_else(|| item.get("map")) {
+            let Some(name) = s.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            st.sets.insert(name.to_string());
+            if !managed.contains(name) {
+                continue;
+            }
+            let is_map = item.get("map").is_some();
+            for e in s
+                .get("elem")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let (key, value) = match (is_map, e) {
+                    (true, Value::Array(kv)) if kv.len() == 2 => {
+                        (key_text(&kv[0]), Some(verdict_text(&kv[1])))
+                    }
+                    _ => (key_text(e), None),
+                };
+                st.elements.insert((name.to_string(), key, value));
+            }
+        }
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_is_read_into_nft_syntax() {
+        let json: Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{}},{"table":{"family":"ip","name":"svcproxy"}},
+            {"set":{"name":"cluster-ips","type":"ipv4_addr","elem":["10.96.0.10"]}},
+            {"set":{"name":"affinity-X","type":"ipv4_addr","elem":[{"elem":{"val":"10.0.0.9","timeout":10800}}]}},
+            {"map":{"name":"service-ips","map":"verdict","elem":[[{"concat":["10.96.0.10","tcp",80]},{"goto":{"target":"service-A-ns/web/tcp/http"}}],[{"concat":["10.96.0.11","udp",53]},{"drop":null}]]}},
+            {"chain":{"name":"services"}},{"chain":{"name":"empty"}},
+            {"rule":{"chain":"services","expr":[]}},{"rule":{"chain":"services","expr":[]}}]}"#,
+        )
+        .unwrap();
+        let st = parse_listing(&json);
+        assert_eq!(st.chains.get("services"), Some(&2));
+        assert_eq!(st.chains.get("empty"), Some(&0));
+        assert!(st.sets.contains("affinity-X") && st.sets.contains("service-ips"));
+        let elems: Vec<_> = st.elements.iter().cloned().collect();
+        assert_eq!(
+            elems,
+            vec![
+                ("cluster-ips".into(), "10.96.0.10".into(), None),
+                (
+                    "service-ips".into(),
+                    "10.96.0.10 . tcp . 80".into(),
+                    Some("goto service-A-ns/web/tcp/http".into())
+                ),
+                (
+                    "service-ips".into(),
+                    "10.96.0.11 . udp . 53".into(),
+                    Some("drop".into())
+                ),
+            ]
+        );
+    }
+}
