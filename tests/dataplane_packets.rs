@@ -369,4 +369,4 @@ macro_rules! packet_tests {
     )*};
 }
 
-packet_tests!(iptables);
+packet_tests!(iptables, nftables);
