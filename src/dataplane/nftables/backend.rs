@@ -1,10 +1,10 @@
 //! The nftables backend: one atomic `nft` transaction per sync, carrying only the delta
 //! from what was last committed (the [`Mirror`]) after the first.
 //!
-//! The kernel is read only when it must be: at start-up (table names, to replace svcproxy's
-//! old table and upstream kube-proxy's in the same transaction), and on the periodic full
-//! sync, which lists svcproxy's tables to verify the mirror and counts any drift (then
-//! rewrites the tables). A failed transaction changes nothing; the mirror is dropped, and the
+//! The kernel is read only on the periodic full sync, which lists svcproxy's tables to
+//! verify the mirror and counts any drift (then rewrites the tables). A rewrite (first sync,
+//! after a failure or a flush) needs no listing: it replaces svcproxy's tables and removes
+//! upstream kube-proxy's in one transaction with `add table` + `delete table`. A failed transaction changes nothing; the mirror is dropped, and the
 //! tables are rewritten at once (a failed delta) or at the next sync (a failed rewrite).
 
 use std::time::Instant;
@@ -62,25 +62,17 @@ impl<E: NftEdge> NftablesBackend<E> {
         self.drift_total
     }
 
-    /// The transaction that replaces the tables of the families in `replace` (and removes
-    /// upstream kube-proxy's tables of every served family).
-    fn replace_prelude(&mut self, any_replace: bool) -> Result<String, BackendError> {
+    /// Removes upstream kube-proxy's tables of every served family, whether or not they
+    /// exist (`add` then `delete`): listing the tables would cost a dump of every chain.
+    fn upstream_removal(&self) -> String {
         let mut out = String::new();
-        if !any_replace {
-            return Ok(out);
-        }
-        let present = self.edge.tables()?;
         for family in &self.families {
             let fam = ip_kw(*family);
-            if present.iter().any(|(f, n)| f == fam && n == UPSTREAM_TABLE) {
-                tracing::info!(
-                    family = fam,
-                    "removing upstream kube-proxy's nftables table"
-                );
-                out.push_str(&format!("delete table {fam} {UPSTREAM_TABLE}\n"));
-            }
+            out.push_str(&format!(
+                "add table {fam} {UPSTREAM_TABLE}\ndelete table {fam} {UPSTREAM_TABLE}\n"
+            ));
         }
-        Ok(out)
+        out
     }
 
     fn plan_family(
@@ -147,7 +139,11 @@ impl<E: NftEdge> NftablesBackend<E> {
             plans.push(self.plan_family(idx, snap, changes, full, stats)?);
         }
         let any_replace = plans.iter().any(|p| matches!(p, Plan::Replace(_)));
-        let mut text = self.replace_prelude(any_replace)?;
+        let mut text = if any_replace {
+            self.upstream_removal()
+        } else {
+            String::new()
+        };
         let mut all_full = true;
         for (idx, plan) in plans.iter().enumerate() {
             let fam = ip_kw(self.families[idx]);

@@ -193,6 +193,14 @@ impl Mirror {
     /// Appends the whole table: one `table { … }` block, then its elements.
     pub fn write_full(&self, out: &mut String) {
         let family = self.family;
+        // One allocation for the whole text (it is tens of MiB at 10k services).
+        let rules: usize = self
+            .ports
+            .values()
+            .flat_map(|p| &p.chains)
+            .map(|c| c.name.len() + c.body.len() + 2 * c.body.lines().count() + 16)
+            .sum();
+        out.reserve(rules + self.claims.len() * 96 + 8192);
         let _ = writeln!(out, "table {} {TABLE} {{", ip_kw(family));
         out.push_str("\tcomment \"rules for svcproxy\"\n");
         for s in &self.statics.sets {
