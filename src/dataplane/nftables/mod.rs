@@ -366,7 +366,8 @@ pub(crate) fn write_elements<'a>(
     elements: impl IntoIterator<Item = (&'a str, &'a str, Option<&'a str>)>,
 ) {
     // Keep the order of first appearance of each map, elements in their given order.
-    let mut groups: Vec<(&str, Vec<(&str, Option<&str>)>)> = Vec::new();
+    type Group<'a> = (&'a str, Vec<(&'a str, Option<&'a str>)>);
+    let mut groups: Vec<Group> = Vec::new();
     for (map, key, value) in elements {
         match groups.iter_mut().find(|(m, _)| *m == map) {
             Some((_, v)) => v.push((key, value)),
