@@ -194,3 +194,75 @@ fn endpoint_change_is_a_chain_delta_and_converges_in_the_kernel() {
         assert!(!b.rules_intact(), "the canary sees the flush");
     });
 }
+
+/// Runs the proxy in `ns` in `mode` on `examples/cluster` until its first sync, then stops it.
+fn run_until_synced(ns: &Netns, mode: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_svcproxy")])
+        .args(["--proxy-mode", mode, "--hostname-override", "node-a"])
+        .args([
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--min-sync-period",
+            "100ms",
+        ])
+        .arg("--manifests-dir")
+        .arg(root.join("examples/cluster"))
+        .env("RUST_LOG", "info")
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut text = String::new();
+    while std::time::Instant::now() < end {
+        text = std::fs::read_to_string(log.path()).unwrap();
+        if text.contains("synced rules") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("synced rules"),
+        "{mode} never synced:\n{text}"
+    );
+}
+
+#[test]
+fn switching_modes_removes_the_other_modes_rules() {
+    if !kernel_tests_possible("switching_modes_removes_the_other_modes_rules") {
+        return;
+    }
+    let ns = Netns::new("nftswitch");
+    run_until_synced(&ns, "iptables");
+    assert!(
+        ns.ok(&["iptables-save", "-t", "nat"])
+            .contains("KUBE-SERVICES")
+    );
+    // Upstream kube-proxy's nftables table, as a node taken over would have it.
+    ns.ok(&["nft", "add", "table", "ip", "kube-proxy"]);
+
+    run_until_synced(&ns, "nftables");
+    let saved = ns.ok(&["iptables-save"]);
+    assert!(!saved.contains("KUBE-"), "iptables chains left:\n{saved}");
+    let tables = ns.ok(&["nft", "list", "tables"]);
+    assert!(tables.contains("table ip svcproxy"), "{tables}");
+    assert!(
+        !tables.contains("kube-proxy"),
+        "upstream table left: {tables}"
+    );
+
+    run_until_synced(&ns, "iptables");
+    let tables = ns.ok(&["nft", "list", "tables"]);
+    assert!(
+        !tables.contains("svcproxy"),
+        "nftables table left: {tables}"
+    );
+    assert!(
+        ns.ok(&["iptables-save", "-t", "nat"])
+            .contains("KUBE-SERVICES")
+    );
+}

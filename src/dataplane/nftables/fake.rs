@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::diff::TableState;
-use super::edge::{MANAGED_SETS, NftEdge};
-use super::{SERVICE_IPS, SERVICES_CHAIN, TABLE, ip_kw};
+use super::edge::{CANARY_SET, MANAGED_SETS, NftEdge};
+use super::{TABLE, ip_kw};
 use crate::dataplane::BackendError;
 use crate::model::IpFamily;
 
@@ -331,7 +331,6 @@ impl NftEdge for FakeNft {
     fn canary(&mut self, family: IpFamily) -> Result<bool, BackendError> {
         Ok(self
             .table(family)
-            .and_then(|t| t.chains.get(SERVICES_CHAIN))
-            .is_some_and(|rules| rules.iter().any(|r| r.contains(&format!("@{SERVICE_IPS}")))))
+            .is_some_and(|t| t.sets.contains_key(CANARY_SET)))
     }
 }

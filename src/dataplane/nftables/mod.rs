@@ -51,7 +51,7 @@ pub const NODEPORT_IPS: &str = "nodeport-ips";
 pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 /// Helper chain: refuses the packet (a verdict map cannot say `reject` itself).
 pub const REJECT_CHAIN: &str = "reject-chain";
-/// Entry chain of service DNAT; its map rule doubles as the canary.
+/// Entry chain of service DNAT.
 pub const SERVICES_CHAIN: &str = "services";
 
 /// The `ip` / `ip6` keyword of a family (table family and address match).
