@@ -112,6 +112,7 @@ for N in "${counts[@]}"; do
   t0=$(now_ms)
   ip netns exec "$NS-raw" nft -f "$WORK/full.nft"
   raw_ms=$(( $(now_ms) - t0 ))
+  echo "N=$N: raw nft -f ${raw_ms} ms" >&2
   ip netns del "$NS-raw"
 
   # node namespace with a pod namespace behind a veth (for the connect latency)
@@ -132,16 +133,17 @@ for N in "${counts[@]}"; do
     --sync-period 1h > "$log" 2>&1 &
   PID=$!
   full_ms=$(wait_sync "$log" 1)
+  echo "N=$N: full sync ${full_ms} ms" >&2
 
   # One endpoint of the first service changes (10.128.x -> 10.127.x): file renamed into place.
-  f=$(ls "$dir"/gen-svc-*.yaml | head -1)
+  files=("$dir"/gen-svc-*.yaml); f=${files[0]}
   sed '0,/addresses: \[10\.128\./s//addresses: [10.127./' "$f" > "$dir/.edit.tmp"
   cmp -s "$f" "$dir/.edit.tmp" && { echo "endpoint edit did not change $f" >&2; exit 1; }
   t0=$(now_ms)
   mv "$dir/.edit.tmp" "$f"
   ep_ms=$(wait_sync "$log" 2)
   ep_e2e=$(( $(now_ms) - t0 ))
-  grep 'synced rules' "$log" | sed -n 2p | grep -q 'full=false' || { echo "endpoint sync was not a delta" >&2; exit 1; }
+  [[ $(grep 'synced rules' "$log" | sed -n 2p) == *full=false* ]] || { echo "endpoint sync was not a delta" >&2; exit 1; }
 
   # One new service (the latency service).
   latency_service > "$WORK/.latency.tmp"
@@ -149,11 +151,12 @@ for N in "${counts[@]}"; do
   mv "$WORK/.latency.tmp" "$dir/latency.yaml"
   new_ms=$(wait_sync "$log" 3)
   new_e2e=$(( $(now_ms) - t0 ))
-  grep 'synced rules' "$log" | sed -n 3p | grep -q 'full=false' || { echo "new-service sync was not a delta" >&2; exit 1; }
+  [[ $(grep 'synced rules' "$log" | sed -n 3p) == *full=false* ]] || { echo "new-service sync was not a delta" >&2; exit 1; }
 
   rss_kb=$(awk '/VmHWM/{print $2}' "/proc/$PID/status")
   read -r c50 c99 < <(ip netns exec "$NS" python3 -c "$CONNECT_PY" 10.96.255.1 80 2000)
 
+  echo "N=$N: svcproxy log:" >&2; grep 'synced rules' "$log" >&2
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
   kill "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""
   ip netns del "$NS"; ip netns del "$NS-pod"

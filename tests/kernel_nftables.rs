@@ -67,6 +67,26 @@ fn golden_transactions_load_into_the_kernel() {
     }
 }
 
+/// Chain name → rules, from `nft list table` text (chains in any order).
+fn chain_rules(listing: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for line in listing.lines() {
+        let t = line.trim();
+        if let Some((name, rules)) = current.as_mut() {
+            if t == "}" {
+                out.insert(std::mem::take(name), std::mem::take(rules));
+                current = None;
+            } else if !t.is_empty() {
+                rules.push(t.to_string());
+            }
+        } else if let Some(name) = t.strip_prefix("chain ") {
+            current = Some((name.trim_end_matches(" {").to_string(), Vec::new()));
+        }
+    }
+    out
+}
+
 /// The real `nft`, recording every transaction.
 #[derive(Default)]
 struct Recording {
@@ -144,20 +164,24 @@ fn endpoint_change_is_a_chain_delta_and_converges_in_the_kernel() {
         let out = fresh.run_with_input(&["nft", "-f", "-"], &full);
         assert!(out.status.success());
         let fresh_json = fresh.ok(&["nft", "-j", "list", "table", "ip", "svcproxy"]);
-        let from_full = svcproxy::dataplane::nftables::edge::parse_listing(
-            &serde_json::from_str(&fresh_json).unwrap(),
-        );
+        let from_full =
+            svcproxy::dataplane::nftables::edge::parse_listing(fresh_json.as_bytes()).unwrap();
         assert_eq!(after_delta, from_full, "delta and full load differ");
+        // ...rule for rule: every chain's rules, as nft prints them back.
+        let rules_after_delta = chain_rules(&ns.ok(&["nft", "list", "table", "ip", "svcproxy"]));
+        let rules_from_full = chain_rules(&fresh.ok(&["nft", "list", "table", "ip", "svcproxy"]));
+        assert_eq!(rules_after_delta.len(), from_full.chains.len());
+        assert_eq!(rules_after_delta, rules_from_full, "chain rules differ");
         assert!(
             after_delta
                 .chains
-                .keys()
+                .iter()
                 .any(|c| c.ends_with("__10.250.0.99/8080"))
         );
         assert!(
             !after_delta
                 .chains
-                .keys()
+                .iter()
                 .any(|c| c.ends_with("ns/svc7/tcp/p__10.244.7.2/8080"))
         );
 

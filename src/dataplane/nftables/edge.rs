@@ -4,7 +4,6 @@
 //! table, check the canary) so that a netlink implementation can replace [`ProcessEdge`]
 //! without touching the renderer, the differ or the backend.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
@@ -117,24 +116,32 @@ impl NftEdge for ProcessEdge {
     }
 
     fn list_table(&mut self, family: IpFamily) -> Result<Option<TableState>, BackendError> {
-        if !self
-            .tables()?
-            .iter()
-            .any(|(f, n)| f == ip_kw(family) && n == TABLE)
-        {
+        // Not `nft -j list table`: with rules it is 112 MB of JSON and ~1 min at 10k
+        // services x 10 endpoints. Chain names, set names and the managed sets' elements
+        // are a few seconds and enough to see drift.
+        let fam = ip_kw(family);
+        let mut st = TableState::default();
+        list_into(&mut st, &["-j", "list", "chains", fam])?;
+        list_into(&mut st, &["-j", "-t", "list", "sets", fam])?;
+        list_into(&mut st, &["-j", "-t", "list", "maps", fam])?;
+        if st.chains.is_empty() && st.sets.is_empty() {
             return Ok(None);
         }
-        let args = ["-j", "list", "table", ip_kw(family), TABLE];
-        let out = run(&args, None)?;
-        if !out.status.success() {
-            return Err(tool_error(&args, &out));
+        let managed: Vec<String> = st
+            .sets
+            .iter()
+            .filter(|s| MANAGED_SETS.contains(&s.as_str()))
+            .cloned()
+            .collect();
+        for name in managed {
+            let kind = if name == CLUSTER_IPS || name == NODEPORT_IPS {
+                "set"
+            } else {
+                "map"
+            };
+            list_into(&mut st, &["-j", "list", kind, fam, TABLE, &name])?;
         }
-        let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| BackendError::Tool {
-            tool: format!("nft {}", args.join(" ")),
-            status: "unparsable output".into(),
-            stderr: e.to_string(),
-        })?;
-        Ok(Some(parse_listing(&json)))
+        Ok(Some(st))
     }
 
     fn canary(&mut self, family: IpFamily) -> Result<bool, BackendError> {
@@ -145,6 +152,19 @@ impl NftEdge for ProcessEdge {
         // A missing table or set is a non-zero exit: the canary is gone.
         Ok(out.status.success())
     }
+}
+
+/// Runs `nft ARGS` and adds its JSON output to `st`.
+fn list_into(st: &mut TableState, args: &[&str]) -> Result<(), BackendError> {
+    let out = run(args, None)?;
+    if !out.status.success() {
+        return Err(tool_error(args, &out));
+    }
+    parse_into(st, &out.stdout).map_err(|e| BackendError::Tool {
+        tool: format!("nft {}", args.join(" ")),
+        status: "unparsable output".into(),
+        stderr: e.to_string(),
+    })
 }
 
 /// nft syntax of one JSON key or key part.
@@ -186,50 +206,66 @@ fn verdict_text(v: &Value) -> String {
     }
 }
 
-/// Reads `nft -j list table` output into comparable form.
-pub fn parse_listing(json: &Value) -> TableState {
+/// Reads `nft -j list …` output of svcproxy's table into comparable form.
+pub fn parse_listing(json: &[u8]) -> Result<TableState, serde_json::Error> {
     let mut st = TableState::default();
-    let managed: BTreeSet<&str> = MANAGED_SETS.iter().copied().collect();
-    let items = json
-        .get("nftables")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for item in items {
-        if let Some(c) = item.get("chain") {
-            if let Some(name) = c.get("name").and_then(Value::as_str) {
-                st.chains.entry(name.to_string()).or_insert(0);
-            }
-        } else if let Some(r) = item.get("rule") {
-            if let Some(chain) = r.get("chain").and_then(Value::as_str) {
-                *st.chains.entry(chain.to_string()).or_insert(0) += 1;
-            }
-        } else if let Some(s) = item.get("set").or_else(|| item.get("map")) {
-            let Some(name) = s.get("name").and_then(Value::as_str) else {
-                continue;
-            };
-            st.sets.insert(name.to_string());
-            if !managed.contains(name) {
-                continue;
-            }
-            let is_map = item.get("map").is_some();
-            for e in s
-                .get("elem")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+    parse_into(&mut st, json)?;
+    Ok(st)
+}
+
+/// One object of a listing; everything but chains, sets and maps is skipped. Typed, so a
+/// 100k-chain listing is not held as a JSON tree.
+#[derive(serde::Deserialize)]
+struct Entry {
+    chain: Option<Named>,
+    set: Option<Named>,
+    map: Option<Named>,
+}
+
+#[derive(serde::Deserialize)]
+struct Named {
+    name: String,
+    table: String,
+    #[serde(default)]
+    elem: Vec<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Listing {
+    nftables: Vec<Entry>,
+}
+
+/// Adds the chains, sets and managed elements of svcproxy's table in `json` to `st`
+/// (objects of other tables are skipped; rules are not compared).
+fn parse_into(st: &mut TableState, json: &[u8]) -> Result<(), serde_json::Error> {
+    let listing: Listing = serde_json::from_slice(json)?;
+    for entry in listing.nftables {
+        if let Some(c) = entry.chain.filter(|c| c.table == TABLE) {
+            st.chains.insert(c.name);
+            continue;
+        }
+        let (is_map, s) = match (entry.set, entry.map) {
+            (Some(s), _) => (false, s),
+            (None, Some(m)) => (true, m),
+            (None, None) => continue,
+        };
+        if s.table != TABLE {
+            continue;
+        }
+        if MANAGED_SETS.contains(&s.name.as_str()) {
+            for e in &s.elem {
                 let (key, value) = match (is_map, e) {
                     (true, Value::Array(kv)) if kv.len() == 2 => {
                         (key_text(&kv[0]), Some(verdict_text(&kv[1])))
                     }
                     _ => (key_text(e), None),
                 };
-                st.elements.insert((name.to_string(), key, value));
+                st.elements.insert((s.name.clone(), key, value));
             }
         }
+        st.sets.insert(s.name);
     }
-    st
+    Ok(())
 }
 
 #[cfg(test)]
@@ -238,18 +274,20 @@ mod tests {
 
     #[test]
     fn listing_is_read_into_nft_syntax() {
-        let json: Value = serde_json::from_str(
-            r#"{"nftables":[{"metainfo":{}},{"table":{"family":"ip","name":"svcproxy"}},
-            {"set":{"name":"cluster-ips","type":"ipv4_addr","elem":["10.96.0.10"]}},
-            {"set":{"name":"affinity-X","type":"ipv4_addr","elem":[{"elem":{"val":"10.0.0.9","timeout":10800}}]}},
-            {"map":{"name":"service-ips","map":"verdict","elem":[[{"concat":["10.96.0.10","tcp",80]},{"goto":{"target":"service-A-ns/web/tcp/http"}}],[{"concat":["10.96.0.11","udp",53]},{"drop":null}]]}},
-            {"chain":{"name":"services"}},{"chain":{"name":"empty"}},
-            {"rule":{"chain":"services","expr":[]}},{"rule":{"chain":"services","expr":[]}}]}"#,
-        )
-        .unwrap();
-        let st = parse_listing(&json);
-        assert_eq!(st.chains.get("services"), Some(&2));
-        assert_eq!(st.chains.get("empty"), Some(&0));
+        let json = r#"{"nftables":[{"metainfo":{}},{"table":{"family":"ip","name":"svcproxy"}},
+            {"set":{"table":"svcproxy","name":"cluster-ips","type":"ipv4_addr","elem":["10.96.0.10"]}},
+            {"set":{"table":"svcproxy","name":"affinity-X","type":"ipv4_addr","elem":[{"elem":{"val":"10.0.0.9","timeout":10800}}]}},
+            {"map":{"table":"svcproxy","name":"service-ips","map":"verdict","elem":[[{"concat":["10.96.0.10","tcp",80]},{"goto":{"target":"service-A-ns/web/tcp/http"}}],[{"concat":["10.96.0.11","udp",53]},{"drop":null}]]}},
+            {"chain":{"table":"svcproxy","name":"services"}},{"chain":{"table":"svcproxy","name":"empty"}},
+            {"chain":{"table":"nat","name":"PREROUTING"}},
+            {"rule":{"chain":"services","expr":[]}},{"rule":{"chain":"services","expr":[]}}]}"#;
+        let st = parse_listing(json.as_bytes()).unwrap();
+        let chains: Vec<&str> = st.chains.iter().map(String::as_str).collect();
+        assert_eq!(
+            chains,
+            ["empty", "services"],
+            "other tables' chains skipped"
+        );
         assert!(st.sets.contains("affinity-X") && st.sets.contains("service-ips"));
         let elems: Vec<_> = st.elements.iter().cloned().collect();
         assert_eq!(
