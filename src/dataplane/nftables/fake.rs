@@ -332,3 +332,37 @@ impl NftEdge for FakeNft {
             .is_some_and(|t| t.sets.contains_key(CANARY_SET)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded() -> FakeNft {
+        let mut f = FakeNft::default();
+        f.apply(
+            "table ip svcproxy {\n\tmap m { type inet_proto . inet_service : verdict ; }\n\tchain a {\n\t\tgoto b\n\t}\n\tchain b {\n\t\taccept\n\t}\n}\nadd element ip svcproxy m { tcp . 80 : goto b }\n",
+        )
+        .unwrap();
+        f
+    }
+
+    #[test]
+    fn kernel_rules_are_enforced_and_failures_change_nothing() {
+        let mut f = loaded();
+        let before = f.tables.clone();
+        for bad in [
+            "delete chain ip svcproxy b",          // referenced by a and by m
+            "add rule ip svcproxy a goto missing", // no such chain
+            "add rule ip svcproxy a ip saddr @nope accept", // no such set
+            "add element ip svcproxy m { tcp . 80 : drop }", // same key, other verdict
+            "delete element ip svcproxy m { tcp . 81 }", // no such element
+            "add chain ip svcproxy c\nadd rule ip svcproxy zz accept", // second line fails
+        ] {
+            assert!(f.apply(bad).is_err(), "{bad:?} must fail");
+            assert_eq!(f.tables, before, "{bad:?} changed the tables");
+        }
+        f.apply("delete element ip svcproxy m { tcp . 80 }\nflush chain ip svcproxy a\ndelete chain ip svcproxy b")
+            .unwrap();
+        assert!(!f.table(IpFamily::V4).unwrap().chains.contains_key("b"));
+    }
+}
