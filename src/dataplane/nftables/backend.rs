@@ -139,40 +139,56 @@ impl<E: NftEdge> NftablesBackend<E> {
             plans.push(self.plan_family(idx, snap, changes, full, stats)?);
         }
         let any_replace = plans.iter().any(|p| matches!(p, Plan::Replace(_)));
-        let mut text = if any_replace {
+        let prelude = if any_replace {
             self.upstream_removal()
         } else {
             String::new()
         };
         let mut all_full = true;
-        for (idx, plan) in plans.iter().enumerate() {
-            let fam = ip_kw(self.families[idx]);
+        let mut empty = prelude.is_empty();
+        for plan in &plans {
             match plan {
                 Plan::Replace(m) => {
-                    // `add` first so that `delete` works whether or not the table exists.
-                    text.push_str(&format!(
-                        "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n"
-                    ));
-                    m.write_full(&mut text);
+                    empty = false;
                     stats.objects_written += m.chain_count();
                 }
                 Plan::Delta(d, _) => {
                     all_full = false;
-                    text.push_str(&d.text);
+                    empty &= d.is_empty();
                     stats.objects_written += d.chains_written;
                     stats.objects_deleted += d.chains_deleted;
                 }
             }
         }
         stats.full = all_full || full;
-        if !text.is_empty() {
+        if !empty {
+            let families = &self.families;
+            let mut produce = |emit: &mut dyn FnMut(&str)| {
+                emit(&prelude);
+                for (idx, plan) in plans.iter().enumerate() {
+                    let fam = ip_kw(families[idx]);
+                    match plan {
+                        Plan::Replace(m) => {
+                            // `add` first so that `delete` works whether or not the table
+                            // exists.
+                            emit(&format!(
+                                "add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n"
+                            ));
+                            m.write_full_chunked(emit);
+                        }
+                        Plan::Delta(d, _) => emit(&d.text),
+                    }
+                }
+            };
             let started = Instant::now();
-            let result = self.edge.apply(&text);
+            let result = self.edge.apply_streamed(&mut produce);
             stats.kernel_time += started.elapsed();
-            stats.bytes += text.len();
-            if let Err(e) = result {
-                self.mirrors.iter_mut().for_each(|m| *m = None);
-                return Err(e);
+            match result {
+                Ok(bytes) => stats.bytes += bytes,
+                Err(e) => {
+                    self.mirrors.iter_mut().for_each(|m| *m = None);
+                    return Err(e);
+                }
             }
         }
         for (idx, plan) in plans.into_iter().enumerate() {

@@ -182,32 +182,40 @@ impl Mirror {
 
     /// Appends the whole table: one `table { … }` block, then its elements.
     pub fn write_full(&self, out: &mut String) {
+        self.write_full_chunked(&mut |chunk| out.push_str(chunk));
+    }
+
+    /// The whole table in pieces of about 64 KiB, so a rewrite of tens of MiB can be
+    /// streamed to the kernel tool instead of held in memory.
+    pub fn write_full_chunked(&self, emit: &mut dyn FnMut(&str)) {
+        const CHUNK: usize = 64 * 1024;
         let family = self.family;
-        // One allocation for the whole text (it is tens of MiB at 10k services).
-        let rules: usize = self
-            .ports
-            .values()
-            .flat_map(|p| &p.chains)
-            .map(|c| c.name.len() + c.body.len() + 2 * c.body.lines().count() + 16)
-            .sum();
-        out.reserve(rules + self.claims.len() * 96 + 8192);
+        let mut out = String::with_capacity(2 * CHUNK);
+        let mut flush = |out: &mut String, force: bool| {
+            if force || out.len() >= CHUNK {
+                emit(out);
+                out.clear();
+            }
+        };
         let _ = writeln!(out, "table {} {TABLE} {{", ip_kw(family));
         out.push_str("\tcomment \"rules for svcproxy\"\n");
         for s in &self.statics.sets {
             let _ = writeln!(out, "\t{} {} {{ {} }}", s.keyword(), s.name, s.decl);
         }
         for c in &self.statics.chains {
-            chain_block(out, &c.chain, &c.hook);
+            chain_block(&mut out, &c.chain, &c.hook);
         }
         for rules in self.ports.values() {
             for s in &rules.sets {
                 let _ = writeln!(out, "\t{} {} {{ {} }}", s.keyword(), s.name, s.decl);
             }
             for c in &rules.chains {
-                chain_block(out, c, "");
+                chain_block(&mut out, c, "");
             }
+            flush(&mut out, false);
         }
         out.push_str("}\n");
+        flush(&mut out, true);
         let statics = self
             .statics
             .elements
@@ -220,7 +228,11 @@ impl Mirror {
                 .filter(move |e| self.installed(name, e))
                 .map(|e| (e.map, e.key.as_str(), e.value.as_deref()))
         });
-        write_elements(out, family, "add", statics.chain(ports));
+        // Elements go out one `add element` line (up to 1000 elements) at a time.
+        write_elements(&mut out, family, "add", statics.chain(ports));
+        for line in out.split_inclusive('\n') {
+            emit(line);
+        }
     }
 
     /// What the kernel should hold after this mirror was committed.

@@ -31,10 +31,22 @@ pub const MANAGED_SETS: &[&str] = &[
     NODEPORT_IPS,
 ];
 
+/// Hands all pieces of a transaction, in order, to the function it is given.
+pub type Produce<'a> = dyn FnMut(&mut dyn FnMut(&str)) + 'a;
+
 /// The kernel operations the nftables backend needs.
 pub trait NftEdge: Send {
     /// Applies one transaction atomically: all of it or, on error, none of it.
     fn apply(&mut self, transaction: &str) -> Result<(), BackendError>;
+
+    /// Applies one transaction that `produce` hands over in pieces (a rewrite is tens of
+    /// MiB at 10k services; an implementation may stream it instead of holding it).
+    /// Returns the bytes sent. Same all-or-nothing guarantee as [`NftEdge::apply`].
+    fn apply_streamed(&mut self, produce: &mut Produce<'_>) -> Result<usize, BackendError> {
+        let mut text = String::new();
+        produce(&mut |piece| text.push_str(piece));
+        self.apply(&text).map(|()| text.len())
+    }
 
     /// `(family, name)` of every nftables table in the namespace.
     fn tables(&mut self) -> Result<Vec<(String, String)>, BackendError>;
@@ -94,6 +106,38 @@ impl NftEdge for ProcessEdge {
         let out = run(&args, Some(transaction))?;
         if out.status.success() {
             Ok(())
+        } else {
+            Err(tool_error(&args, &out))
+        }
+    }
+
+    fn apply_streamed(&mut self, produce: &mut Produce<'_>) -> Result<usize, BackendError> {
+        let args = ["-f", "-"];
+        let spawn_err = |source| BackendError::Spawn {
+            tool: "nft".into(),
+            source,
+        };
+        let mut child = Command::new("nft")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        let mut pipe =
+            std::io::BufWriter::with_capacity(1 << 20, child.stdin.take().expect("piped stdin"));
+        let mut sent = 0usize;
+        let mut broken = false;
+        produce(&mut |piece| {
+            sent += piece.len();
+            // nft stops reading when it fails to parse: its status says why.
+            broken = broken || pipe.write_all(piece.as_bytes()).is_err();
+        });
+        let _ = pipe.flush();
+        drop(pipe);
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if out.status.success() {
+            Ok(sent)
         } else {
             Err(tool_error(&args, &out))
         }
