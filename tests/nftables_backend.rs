@@ -264,6 +264,22 @@ fn periodic_resync_lists_once_and_counts_and_repairs_drift() {
             .contains("delete table ip svcproxy")
     );
     assert_converged(&b, &snap);
+
+    // `nft flush table`: chains, sets and elements stay, rules go. The canary does not see
+    // it; the resync does, through the rule count of the dispatch chain.
+    for rules in b
+        .edge_mut()
+        .table_mut(IpFamily::V4)
+        .unwrap()
+        .chains
+        .values_mut()
+    {
+        rules.clear();
+    }
+    assert!(b.rules_intact());
+    let s = b.sync(&snap, &Changes::default(), true).unwrap();
+    assert_eq!(s.drift, 1, "services chain lost its rules");
+    assert_converged(&b, &snap);
 }
 
 #[test]

@@ -39,8 +39,12 @@ struct ElementOps {
 /// listing (see [`super::edge::NftEdge::list_table`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableState {
-    /// Chain names. Rules are not compared: listing them costs ~1 min at 10k services.
+    /// Chain names. Rules of per-service chains are not compared: listing them costs
+    /// ~1 min at 10k services.
     pub chains: BTreeSet<String>,
+    /// Rule count of each chain in [`RULE_CHECKED_CHAINS`] (a flushed table keeps its
+    /// chains, sets and elements but loses these rules).
+    pub rule_counts: BTreeMap<String, usize>,
     /// Named sets and maps.
     pub sets: BTreeSet<String>,
     /// Elements of svcproxy's static maps and sets (`map`, `key`, `value`), in nft syntax.
@@ -48,8 +52,12 @@ pub struct TableState {
     pub elements: BTreeSet<(String, String, Option<String>)>,
 }
 
+/// Chains whose rules the resync counts: the dispatch chain every service depends on.
+pub const RULE_CHECKED_CHAINS: &[&str] = &[super::SERVICES_CHAIN];
+
 /// How many objects differ between what svcproxy committed and what the kernel holds:
-/// chains, sets and managed elements missing or extra (or with another verdict).
+/// chains, sets and managed elements missing or extra (or with another verdict), and
+/// checked chains whose rule count differs.
 pub fn drift(expected: &TableState, actual: &TableState) -> usize {
     fn sym<T: Ord>(a: &BTreeSet<T>, b: &BTreeSet<T>) -> usize {
         a.symmetric_difference(b).count()
@@ -57,6 +65,11 @@ pub fn drift(expected: &TableState, actual: &TableState) -> usize {
     sym(&expected.chains, &actual.chains)
         + sym(&expected.sets, &actual.sets)
         + sym(&expected.elements, &actual.elements)
+        + expected
+            .rule_counts
+            .iter()
+            .filter(|(c, n)| actual.rule_counts.get(*c) != Some(*n))
+            .count()
 }
 
 /// One family's table as svcproxy last committed it (or is about to).
@@ -243,6 +256,10 @@ impl Mirror {
         }
         for c in &self.statics.chains {
             st.chains.insert(c.chain.name.clone());
+            if RULE_CHECKED_CHAINS.contains(&c.chain.name.as_str()) {
+                st.rule_counts
+                    .insert(c.chain.name.clone(), c.chain.rule_count());
+            }
         }
         for e in &self.statics.elements {
             st.elements

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use super::diff::TableState;
+use super::diff::{RULE_CHECKED_CHAINS, TableState};
 use super::{
     CLUSTER_IPS, FIREWALL_IPS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, NODEPORT_IPS,
     SERVICE_IPS, SERVICE_NODEPORTS, TABLE, ip_kw,
@@ -171,6 +171,11 @@ impl NftEdge for ProcessEdge {
         if st.chains.is_empty() && st.sets.is_empty() {
             return Ok(None);
         }
+        for chain in RULE_CHECKED_CHAINS {
+            if st.chains.contains(*chain) {
+                list_into(&mut st, &["-j", "list", "chain", fam, TABLE, chain])?;
+            }
+        }
         let managed: Vec<String> = st
             .sets
             .iter()
@@ -261,6 +266,7 @@ pub fn parse_listing(json: &[u8]) -> Result<TableState, serde_json::Error> {
 /// 100k-chain listing is not held as a JSON tree.
 #[derive(serde::Deserialize)]
 struct Entry {
+    rule: Option<RuleOf>,
     chain: Option<Named>,
     set: Option<Named>,
     map: Option<Named>,
@@ -275,6 +281,12 @@ struct Named {
 }
 
 #[derive(serde::Deserialize)]
+struct RuleOf {
+    chain: String,
+    table: String,
+}
+
+#[derive(serde::Deserialize)]
 struct Listing {
     nftables: Vec<Entry>,
 }
@@ -284,7 +296,16 @@ struct Listing {
 fn parse_into(st: &mut TableState, json: &[u8]) -> Result<(), serde_json::Error> {
     let listing: Listing = serde_json::from_slice(json)?;
     for entry in listing.nftables {
+        if let Some(r) = entry.rule.filter(|r| r.table == TABLE) {
+            if RULE_CHECKED_CHAINS.contains(&r.chain.as_str()) {
+                *st.rule_counts.entry(r.chain).or_insert(0) += 1;
+            }
+            continue;
+        }
         if let Some(c) = entry.chain.filter(|c| c.table == TABLE) {
+            if RULE_CHECKED_CHAINS.contains(&c.name.as_str()) {
+                st.rule_counts.entry(c.name.clone()).or_insert(0);
+            }
             st.chains.insert(c.name);
             continue;
         }
@@ -324,7 +345,7 @@ mod tests {
             {"map":{"table":"svcproxy","name":"service-ips","map":"verdict","elem":[[{"concat":["10.96.0.10","tcp",80]},{"goto":{"target":"service-A-ns/web/tcp/http"}}],[{"concat":["10.96.0.11","udp",53]},{"drop":null}]]}},
             {"chain":{"table":"svcproxy","name":"services"}},{"chain":{"table":"svcproxy","name":"empty"}},
             {"chain":{"table":"nat","name":"PREROUTING"}},
-            {"rule":{"chain":"services","expr":[]}},{"rule":{"chain":"services","expr":[]}}]}"#;
+            {"rule":{"table":"svcproxy","chain":"services","expr":[]}},{"rule":{"table":"svcproxy","chain":"services","expr":[]}}]}"#;
         let st = parse_listing(json.as_bytes()).unwrap();
         let chains: Vec<&str> = st.chains.iter().map(String::as_str).collect();
         assert_eq!(
@@ -332,6 +353,7 @@ mod tests {
             ["empty", "services"],
             "other tables' chains skipped"
         );
+        assert_eq!(st.rule_counts.get("services"), Some(&2));
         assert!(st.sets.contains("affinity-X") && st.sets.contains("service-ips"));
         let elems: Vec<_> = st.elements.iter().cloned().collect();
         assert_eq!(

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::diff::TableState;
+use super::diff::{RULE_CHECKED_CHAINS, TableState};
 use super::edge::{CANARY_SET, MANAGED_SETS, NftEdge};
 use super::{TABLE, ip_kw};
 use crate::dataplane::BackendError;
@@ -314,6 +314,11 @@ impl NftEdge for FakeNft {
         Ok(self.table(family).map(|t| {
             let mut st = TableState::default();
             st.chains.extend(t.chains.keys().cloned());
+            for c in RULE_CHECKED_CHAINS {
+                if let Some(rules) = t.chains.get(*c) {
+                    st.rule_counts.insert(c.to_string(), rules.len());
+                }
+            }
             for (name, elems) in &t.sets {
                 st.sets.insert(name.clone());
                 if MANAGED_SETS.contains(&name.as_str()) {
