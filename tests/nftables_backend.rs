@@ -355,3 +355,21 @@ fn shared_external_ip_is_installed_once_and_handed_over() {
     assert!(v.contains("ns/y/"), "handed over: {v}");
     assert_converged(&b, &snap);
 }
+
+#[test]
+fn resync_applies_changes_the_partial_syncs_missed_as_a_delta() {
+    let (mut tracker, mut b) = synced(&["a", "b", "c"]);
+    set_endpoints(&mut tracker, "c", &["10.244.2.1", "10.244.2.7"]);
+    let (snap, _) = tracker.drain();
+    // The change reaches the backend only through the periodic full sync.
+    let s = b.sync(&snap, &Changes::default(), true).unwrap();
+    assert!(s.full && s.drift == 0);
+    assert_eq!((s.objects_written, s.objects_deleted), (2, 1));
+    let text = b.edge().transactions.last().unwrap();
+    assert!(
+        !text.contains("table ip svcproxy {"),
+        "a delta, not a rewrite"
+    );
+    assert!(!text.contains("ns/a/") && !text.contains("ns/b/"), "{text}");
+    assert_converged(&b, &snap);
+}

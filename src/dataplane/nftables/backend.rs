@@ -115,6 +115,15 @@ impl<E: NftEdge> NftablesBackend<E> {
                 return Ok(Plan::Replace(Mirror::render(&cfg, snap)));
             }
         }
+        if !settings_changed {
+            // Resync of an unchanged configuration: only the ports that differ are held.
+            let delta = mirror.plan_everything(snap);
+            return Ok(if delta.needs_full {
+                Plan::Replace(Mirror::render(&cfg, snap))
+            } else {
+                Plan::Delta(delta, None)
+            });
+        }
         let desired = Mirror::render(&cfg, snap);
         if !mirror.same_statics(&desired) {
             return Ok(Plan::Replace(desired));

@@ -519,4 +519,28 @@ impl Mirror {
         }
         self.plan(updates)
     }
+
+    /// The delta that brings every port in line with `snap` (same settings and node),
+    /// holding only the ports that changed: a periodic resync of an unchanged cluster
+    /// renders each port once and keeps nothing, instead of a second full mirror.
+    pub fn plan_everything(&self, snap: &Snapshot) -> Delta {
+        let mut updates = Vec::new();
+        let mut consider = |name: &ServicePortName| {
+            let new = snap
+                .ports
+                .get(name)
+                .map(|st| render_port(&self.cfg, &self.node, st))
+                .filter(|r| !r.elements.is_empty());
+            if self.ports.get(name) != new.as_ref() {
+                updates.push((name.clone(), new));
+            }
+        };
+        for name in snap.ports.keys() {
+            consider(name);
+        }
+        for name in self.ports.keys().filter(|n| !snap.ports.contains_key(*n)) {
+            consider(name);
+        }
+        self.plan(updates)
+    }
 }
