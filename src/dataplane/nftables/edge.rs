@@ -203,13 +203,27 @@ impl NftEdge for ProcessEdge {
     }
 }
 
-/// Runs `nft ARGS` and adds its JSON output to `st`.
+/// Runs `nft ARGS` and adds its JSON output to `st`, parsed as it is read: the chain
+/// listing alone is 15 MB at 10k services and is never held whole.
 fn list_into(st: &mut TableState, args: &[&str]) -> Result<(), BackendError> {
-    let out = run(args, None)?;
+    let spawn_err = |source| BackendError::Spawn {
+        tool: "nft".into(),
+        source,
+    };
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let parsed = parse_into(st, std::io::BufReader::with_capacity(1 << 16, stdout));
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if !out.status.success() {
         return Err(tool_error(args, &out));
     }
-    parse_into(st, &out.stdout).map_err(|e| BackendError::Tool {
+    parsed.map_err(|e| BackendError::Tool {
         tool: format!("nft {}", args.join(" ")),
         status: "unparsable output".into(),
         stderr: e.to_string(),
@@ -262,6 +276,54 @@ pub fn parse_listing(json: &[u8]) -> Result<TableState, serde_json::Error> {
     Ok(st)
 }
 
+/// Deserializes `{"nftables": [entry, …]}` handing each entry to [`add_entry`] as soon as
+/// it is parsed, so no list of entries is built.
+struct ListingVisitor<'a>(&'a mut TableState);
+
+impl<'de> serde::de::Visitor<'de> for ListingVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an nft JSON listing")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "nftables" {
+                map.next_value_seed(EntriesSeed(&mut *self.0))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct EntriesSeed<'a>(&'a mut TableState);
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of nft objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(entry) = seq.next_element::<Entry>()? {
+            add_entry(self.0, entry);
+        }
+        Ok(())
+    }
+}
+
 /// One object of a listing; everything but chains, sets and maps is skipped. Typed, so a
 /// 100k-chain listing is not held as a JSON tree.
 #[derive(serde::Deserialize)]
@@ -286,51 +348,48 @@ struct RuleOf {
     table: String,
 }
 
-#[derive(serde::Deserialize)]
-struct Listing {
-    nftables: Vec<Entry>,
-}
-
 /// Adds the chains, sets and managed elements of svcproxy's table in `json` to `st`
 /// (objects of other tables are skipped; rules are not compared).
-fn parse_into(st: &mut TableState, json: &[u8]) -> Result<(), serde_json::Error> {
-    let listing: Listing = serde_json::from_slice(json)?;
-    for entry in listing.nftables {
-        if let Some(r) = entry.rule.filter(|r| r.table == TABLE) {
-            if RULE_CHECKED_CHAINS.contains(&r.chain.as_str()) {
-                *st.rule_counts.entry(r.chain).or_insert(0) += 1;
-            }
-            continue;
+fn parse_into(st: &mut TableState, json: impl std::io::Read) -> Result<(), serde_json::Error> {
+    use serde::Deserializer as _;
+    serde_json::Deserializer::from_reader(json).deserialize_map(ListingVisitor(st))
+}
+
+/// Adds one listed object of svcproxy's table to `st`.
+fn add_entry(st: &mut TableState, entry: Entry) {
+    if let Some(r) = entry.rule.filter(|r| r.table == TABLE) {
+        if RULE_CHECKED_CHAINS.contains(&r.chain.as_str()) {
+            *st.rule_counts.entry(r.chain).or_insert(0) += 1;
         }
-        if let Some(c) = entry.chain.filter(|c| c.table == TABLE) {
-            if RULE_CHECKED_CHAINS.contains(&c.name.as_str()) {
-                st.rule_counts.entry(c.name.clone()).or_insert(0);
-            }
-            st.chains.insert(c.name);
-            continue;
-        }
-        let (is_map, s) = match (entry.set, entry.map) {
-            (Some(s), _) => (false, s),
-            (None, Some(m)) => (true, m),
-            (None, None) => continue,
-        };
-        if s.table != TABLE {
-            continue;
-        }
-        if MANAGED_SETS.contains(&s.name.as_str()) {
-            for e in &s.elem {
-                let (key, value) = match (is_map, e) {
-                    (true, Value::Array(kv)) if kv.len() == 2 => {
-                        (key_text(&kv[0]), Some(verdict_text(&kv[1])))
-                    }
-                    _ => (key_text(e), None),
-                };
-                st.elements.insert((s.name.clone(), key, value));
-            }
-        }
-        st.sets.insert(s.name);
+        return;
     }
-    Ok(())
+    if let Some(c) = entry.chain.filter(|c| c.table == TABLE) {
+        if RULE_CHECKED_CHAINS.contains(&c.name.as_str()) {
+            st.rule_counts.entry(c.name.clone()).or_insert(0);
+        }
+        st.chains.insert(c.name);
+        return;
+    }
+    let (is_map, s) = match (entry.set, entry.map) {
+        (Some(s), _) => (false, s),
+        (None, Some(m)) => (true, m),
+        (None, None) => return,
+    };
+    if s.table != TABLE {
+        return;
+    }
+    if MANAGED_SETS.contains(&s.name.as_str()) {
+        for e in &s.elem {
+            let (key, value) = match (is_map, e) {
+                (true, Value::Array(kv)) if kv.len() == 2 => {
+                    (key_text(&kv[0]), Some(verdict_text(&kv[1])))
+                }
+                _ => (key_text(e), None),
+            };
+            st.elements.insert((s.name.clone(), key, value));
+        }
+    }
+    st.sets.insert(s.name);
 }
 
 #[cfg(test)]
