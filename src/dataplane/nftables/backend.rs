@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use super::diff::{Delta, Mirror, drift};
+use super::diff::{Delta, Mirror};
 use super::edge::{NftEdge, ProcessEdge};
 use super::{TABLE, UPSTREAM_TABLE, ip_kw};
 use crate::dataplane::iptables::backend::ConfigFn;
@@ -99,10 +99,9 @@ impl<E: NftEdge> NftablesBackend<E> {
         }
         if full {
             // Periodic resync: verify the mirror against the kernel.
-            let expected = mirror.expected();
             let drifted = match self.edge.list_table(family)? {
-                Some(actual) => drift(&expected, &actual),
-                None => expected.chains.len() + expected.sets.len() + expected.elements.len(),
+                Some(actual) => mirror.drift_from(&actual),
+                None => mirror.drift_from(&Default::default()),
             };
             if drifted > 0 {
                 tracing::warn!(
