@@ -2,10 +2,13 @@
 //! from what was last committed (the [`Mirror`]) after the first.
 //!
 //! The kernel is read only on the periodic full sync, which lists svcproxy's tables to
-//! verify the mirror and counts any drift (then rewrites the tables). A rewrite (first sync,
-//! after a failure or a flush) needs no listing: it replaces svcproxy's tables and removes
-//! upstream kube-proxy's in one transaction with `add table` + `delete table`. A failed transaction changes nothing; the mirror is dropped, and the
-//! tables are rewritten at once (a failed delta) or at the next sync (a failed rewrite).
+//! verify the mirror and counts any drift (then rewrites the tables; without drift it sends
+//! only what differs from the snapshot). A rewrite (first sync, after a failure or a flush)
+//! needs no listing: it replaces svcproxy's tables and removes upstream kube-proxy's in one
+//! transaction with `add table` + `delete table`. A failed transaction changes nothing; the
+//! mirror is dropped, and the tables are rewritten at once (a failed delta) or at the next
+//! sync (a failed rewrite). `SyncStats::kernel_time` covers `nft` and, for a rewrite, the
+//! text streamed into it.
 
 use std::time::Instant;
 
@@ -99,9 +102,14 @@ impl<E: NftEdge> NftablesBackend<E> {
         }
         if full {
             // Periodic resync: verify the mirror against the kernel.
-            let drifted = match self.edge.list_table(family)? {
-                Some(actual) => mirror.drift_from(&actual),
-                None => mirror.drift_from(&Default::default()),
+            let drifted = match self.edge.list_table(family) {
+                Ok(Some(actual)) => mirror.drift_from(&actual),
+                Ok(None) => mirror.drift_from(&Default::default()),
+                Err(e) => {
+                    // Unverifiable is not a reason to stop syncing: rewrite instead.
+                    tracing::warn!(family = ip_kw(family), error = %e, "cannot list the nftables table; rewriting it");
+                    return Ok(Plan::Replace(Mirror::render(&cfg, snap)));
+                }
             };
             if drifted > 0 {
                 tracing::warn!(
