@@ -66,10 +66,13 @@ pub enum ConfigError {
 }
 
 /// `--proxy-mode` values (upstream's names; `userspace` is svcproxy's TCP proxy).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyMode {
     /// iptables-restore batches in upstream's chain layout.
+    #[default]
     Iptables,
+    /// One nftables table per family, deltas as single `nft` transactions.
+    Nftables,
     /// Proxy connections in the svcproxy process (no NAT rules).
     Userspace,
 }
@@ -79,6 +82,7 @@ impl ProxyMode {
     pub fn name(self) -> &'static str {
         match self {
             ProxyMode::Iptables => "iptables",
+            ProxyMode::Nftables => "nftables",
             ProxyMode::Userspace => "userspace",
         }
     }

@@ -14,6 +14,7 @@ use crate::dataplane::iptables::RenderConfig;
 use crate::dataplane::iptables::backend::{ConfigFn, IptablesBackend};
 use crate::dataplane::iptables::cleanup::remove_rules;
 use crate::dataplane::iptables::edge::{ProcessEdge, Variant};
+use crate::dataplane::nftables;
 use crate::dataplane::userspace::stats::UserspaceStats;
 use crate::dataplane::userspace::{UserspaceBackend, UserspaceOptions};
 use crate::dataplane::{Backend, BackendError};
@@ -133,21 +134,16 @@ pub(crate) fn set_sysctl(name: &str, value: &str) -> Result<(), BackendError> {
     })
 }
 
-/// The iptables backend for `settings`, after the node-wide settings it needs.
-fn iptables_backend(
-    proxy: &ProxyFlags,
-    variant: Option<Variant>,
-    families: &[IpFamily],
-) -> Result<IptablesBackend<ProcessEdge>, DaemonError> {
+/// The NAT modes' render settings, computed per sync from the node's facts; also sets the
+/// node-wide sysctls those settings need.
+fn nat_render_config(proxy: &ProxyFlags) -> Result<ConfigFn, DaemonError> {
     let probe = proxy.render_config(IpFamily::V4, &NodeInfo::default(), &[])?;
     if probe.serves_localhost_node_ports() {
         // Localhost NodePorts need route_localnet (set in this network namespace only).
         set_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
     }
-    let variant = variant.unwrap_or_else(Variant::detect);
-    tracing::info!(iptables = ?variant, "programming iptables");
     let proxy = proxy.clone();
-    let config: ConfigFn = Box::new(move |family, node| {
+    Ok(Box::new(move |family, node| {
         proxy
             .render_config(family, node, &local_addresses())
             .unwrap_or_else(|e| {
@@ -157,12 +153,7 @@ fn iptables_backend(
                     ..RenderConfig::default()
                 }
             })
-    });
-    Ok(IptablesBackend::new(
-        ProcessEdge::new(variant),
-        families,
-        config,
-    ))
+    }))
 }
 
 /// Starts the daemon: servers, backend, runner thread and source. Must run inside a tokio
@@ -213,11 +204,21 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
     }
 
     let backend: Box<dyn Backend> = match mode {
-        ProxyMode::Iptables => Box::new(iptables_backend(
-            &settings.proxy,
-            opts.iptables_variant,
-            &opts.families,
-        )?),
+        ProxyMode::Iptables => {
+            let config = nat_render_config(&settings.proxy)?;
+            let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
+            tracing::info!(iptables = ?variant, "programming iptables");
+            nftables::backend::remove_leftovers_of_nftables_mode();
+            Box::new(IptablesBackend::new(
+                ProcessEdge::new(variant),
+                &opts.families,
+                config,
+            ))
+        }
+        ProxyMode::Nftables => {
+            let config = nat_render_config(&settings.proxy)?;
+            Box::new(nftables::backend::start(&opts.families, config))
+        }
         ProxyMode::Userspace => {
             let mut options = UserspaceOptions::from_flags(&settings.proxy, &opts.families);
             options.stats = userspace_stats;

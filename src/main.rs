@@ -62,7 +62,8 @@ struct RenderArgs {
     /// The proxy mode whose rules to print.
     #[arg(long, value_enum, default_value = "iptables")]
     proxy_mode: ProxyMode,
-    /// IP family of the rule set (iptables-restore for 4, ip6tables-restore for 6).
+    /// IP family of the rule set (iptables-restore for 4, ip6tables-restore for 6; the
+    /// `ip` or `ip6` table in nftables mode).
     #[arg(long, value_enum, default_value = "4")]
     ip_family: Family,
     #[command(flatten)]
@@ -140,18 +141,15 @@ fn init_logging(default_filter: &str, format: LogFormat) {
 }
 
 fn render(args: RenderArgs) -> ExitCode {
-    if args.proxy_mode != ProxyMode::Iptables {
-        eprintln!(
-            "svcproxy render: --proxy-mode {} programs no rules to print",
-            args.proxy_mode.name()
-        );
+    if args.proxy_mode == ProxyMode::Userspace {
+        eprintln!("svcproxy render: --proxy-mode userspace programs no rules to print");
         return ExitCode::FAILURE;
     }
     let family = match args.ip_family {
         Family::V4 => IpFamily::V4,
         Family::V6 => IpFamily::V6,
     };
-    match svcproxy::render::render_files(&args.files, &args.flags, family) {
+    match svcproxy::render::render_files(&args.files, &args.flags, family, args.proxy_mode) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("warning: skipped {w}");

@@ -511,6 +511,9 @@ impl SyncObserver for MetricsObserver {
         if report.drift_detected {
             m.state_drift.inc();
         }
+        if let Ok(stats) = &report.result {
+            m.state_drift.inc_by(stats.drift as u64);
+        }
         let secs = report.duration.as_secs_f64();
         m.sync_duration.observe(secs);
         match &report.result {

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, ProxyFlags};
+use crate::dataplane::ProxyMode;
 use crate::dataplane::iptables::{Renderer, Scope};
+use crate::dataplane::nftables::diff::Mirror;
 use crate::model::{ChangeTracker, IpFamily, NodeInfo};
 use crate::source::files::{self, LoadError};
 use crate::source::{Object, apply_object};
@@ -22,18 +24,19 @@ pub enum RenderError {
 /// The rendered rules and the objects that were skipped.
 #[derive(Clone, Debug, Default)]
 pub struct RenderOutput {
-    /// `iptables-restore` input.
+    /// `iptables-restore` input, or the `nft -f` transaction.
     pub text: String,
     /// One line per skipped object: which one and why.
     pub warnings: Vec<String>,
 }
 
-/// Loads `paths` and renders the full rule set of `family` for the node named by `flags`, as a
-/// fresh node would apply it (jump rules included).
+/// Loads `paths` and renders the full rule set of `family` in `mode` for the node named by
+/// `flags`, as a fresh node would apply it (jump rules included).
 pub fn render_files(
     paths: &[PathBuf],
     flags: &ProxyFlags,
     family: IpFamily,
+    mode: ProxyMode,
 ) -> Result<RenderOutput, RenderError> {
     let loaded = files::load_paths(paths)?;
     let mut warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
@@ -54,6 +57,11 @@ pub fn render_files(
     }
     let (snapshot, _) = tracker.drain();
     let cfg = flags.render_config(family, &snapshot.node, &[])?;
+    if mode == ProxyMode::Nftables {
+        let mut text = String::new();
+        Mirror::render(&cfg, &snapshot).write_full(&mut text);
+        return Ok(RenderOutput { text, warnings });
+    }
     let mut renderer = Renderer::new(cfg);
     let rendered = renderer.render(
         &snapshot,

@@ -283,6 +283,7 @@ impl SyncRunner {
                         deleted = stats.objects_deleted,
                         services_changed = changes.services.len(),
                         kernel_ms = stats.kernel_time.as_secs_f64() * 1e3,
+                        drift = stats.drift,
                         elapsed_ms = duration.as_secs_f64() * 1e3,
                         "synced rules"
                     );

@@ -142,7 +142,13 @@ fn api_service_reachable(mode: &str) {
             metric(&body, "kubeproxy_userspace_connections_accepted_total") >= 30.0,
             "the proxied connections are counted"
         ),
-        _ => {}
+        _ => assert_eq!(
+            metric(
+                &body,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
+            ),
+            0.0
+        ),
     }
     assert!(
         metric(
@@ -185,4 +191,4 @@ macro_rules! api_tests {
     )*};
 }
 
-api_tests!(iptables, userspace);
+api_tests!(iptables, nftables, userspace);

@@ -521,4 +521,4 @@ macro_rules! packet_tests {
     )*};
 }
 
-packet_tests!(iptables, userspace);
+packet_tests!(iptables, nftables, userspace);

@@ -1,6 +1,9 @@
 //! Golden renders: `svcproxy render` of the fixtures in `examples/` compared with the
 //! checked-in output in `tests/golden/`.
 //!
+//! Every case is rendered in both modes: `NAME.txt` is the iptables-restore input,
+//! `NAME.nft` the nftables transaction (`--proxy-mode nftables`) for the same fixtures.
+//!
 //! After an intended change, regenerate with `UPDATE_GOLDEN=1 cargo test --test golden` and
 //! review the diff like any other code change.
 
@@ -130,6 +133,17 @@ fn check(file: &str, actual: &str) {
     }
 }
 
+/// The nftables golden file of an iptables case (`cluster.v4.txt` → `cluster.v4.nft`).
+pub fn nft_file(file: &str) -> String {
+    format!("{}.nft", file.trim_end_matches(".txt"))
+}
+
+fn with_nftables<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    v.extend(["--proxy-mode", "nftables"]);
+    v
+}
+
 #[test]
 fn golden_renders_match() {
     for (file, args) in CASES {
@@ -138,11 +152,18 @@ fn golden_renders_match() {
 }
 
 #[test]
+fn nftables_golden_renders_match() {
+    for (file, args) in CASES {
+        check(&nft_file(file), &render(&with_nftables(args)));
+    }
+}
+
+#[test]
 fn every_golden_file_has_a_case() {
     for entry in std::fs::read_dir(root().join("tests/golden")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(
-            CASES.iter().any(|(f, _)| *f == name),
+            CASES.iter().any(|(f, _)| *f == name || nft_file(f) == name),
             "tests/golden/{name} has no case: delete it"
         );
     }
@@ -152,4 +173,6 @@ fn every_golden_file_has_a_case() {
 fn render_is_deterministic() {
     let (_, args) = CASES[0];
     assert_eq!(render(args), render(args));
+    let nft = with_nftables(args);
+    assert_eq!(render(&nft), render(&nft));
 }

@@ -16,6 +16,8 @@ fn golden_files() -> Vec<(String, String)> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        // `.nft` files are nftables transactions (tests/kernel_nftables.rs).
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
         .map(|p| {
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),

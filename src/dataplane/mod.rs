@@ -5,11 +5,14 @@
 
 pub mod iptables;
 pub mod naming;
+pub mod nftables;
 pub mod userspace;
 
 use std::time::Duration;
 
 use crate::model::{Changes, Snapshot};
+
+pub use crate::config::ProxyMode;
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +36,10 @@ pub struct SyncStats {
     /// Rules the proxy owns per table after the sync (`kubeproxy_sync_proxy_rules_iptables_total`),
     /// summed over families.
     pub rule_counts: Vec<(&'static str, usize)>,
+    /// Objects (chains, sets, elements) found different from what the backend last
+    /// committed when this sync verified the kernel (nftables periodic resync); nonzero
+    /// means something else changed the rules. Export as a counter.
+    pub drift: usize,
 }
 
 /// A kernel operation that failed.

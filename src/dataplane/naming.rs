@@ -56,6 +56,31 @@ pub fn endpoint_chain(spn_text: &str, protocol: &str, endpoint: &str) -> String 
     name
 }
 
+/// Longest readable part of an nftables chain or set name (the kernel allows 255 bytes;
+/// upstream kube-proxy keeps room for its prefixes the same way).
+const NFT_BASE_MAX: usize = 200;
+
+/// Base of an nftables object name, as upstream kube-proxy's nftables mode builds it: 8
+/// characters of base32(sha256(text)), a dash, then `text` (e.g. `ns/name/tcp/http`),
+/// truncated with `...` when too long. The hash keeps truncated names unique and makes
+/// names that differ in one digit easy to tell apart; the text keeps them readable.
+pub fn nft_base(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    // 8 base32 characters encode exactly the first 5 bytes.
+    let mut name = data_encoding::BASE32.encode(&digest[..5]);
+    name.push('-');
+    name.push_str(text);
+    if name.len() > NFT_BASE_MAX {
+        let mut cut = NFT_BASE_MAX - 3;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name.push_str("...");
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +105,16 @@ mod tests {
             endpoint_chain("ns1/svc1:p80", "tcp", &ep.addr_string()),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"
         );
+    }
+
+    #[test]
+    fn nft_names_match_upstream() {
+        // upstream: servicePortChainNameBase("ns1/svc1", "tcp", "p80")
+        assert_eq!(nft_base("ns1/svc1/tcp/p80"), "ULMVA6XW-ns1/svc1/tcp/p80");
+        let long = "n".repeat(300);
+        let b = nft_base(&long);
+        assert_eq!(b.len(), NFT_BASE_MAX);
+        assert!(b.ends_with("..."));
     }
 
     #[test]
