@@ -53,9 +53,19 @@ pub fn reconcile(
     desired: &BTreeSet<IpAddr>,
 ) -> Result<AddressChanges, UserspaceError> {
     let present = edge.list()?;
+    apply(edge, &present, desired)
+}
+
+/// Applies the change from `previous` to `desired` without listing the kernel (partial
+/// syncs: the previous sync left exactly `previous`). Same error handling as [`reconcile`].
+pub fn apply(
+    edge: &mut dyn AddressEdge,
+    previous: &BTreeSet<IpAddr>,
+    desired: &BTreeSet<IpAddr>,
+) -> Result<AddressChanges, UserspaceError> {
     let mut changes = AddressChanges::default();
     let mut first_error = None;
-    for ip in desired.difference(&present) {
+    for ip in desired.difference(previous) {
         match edge.add(*ip) {
             Ok(()) => changes.added += 1,
             Err(e) => {
@@ -63,7 +73,7 @@ pub fn reconcile(
             }
         }
     }
-    for ip in present.difference(desired) {
+    for ip in previous.difference(desired) {
         match edge.remove(*ip) {
             Ok(()) => changes.removed += 1,
             Err(e) => {
@@ -355,6 +365,34 @@ mod tests {
             AddressChanges::default()
         );
         assert_eq!(fake.calls, calls);
+    }
+
+    #[test]
+    fn apply_changes_only_the_difference_without_listing() {
+        let mut fake = FakeAddresses {
+            // 10.96.0.9 is marked in the kernel but unknown to the previous sync: a partial
+            // sync leaves it to the next full one.
+            addresses: set(&["10.96.0.1", "10.96.0.2", "10.96.0.9"]),
+            ..FakeAddresses::default()
+        };
+        let c = apply(
+            &mut fake,
+            &set(&["10.96.0.1", "10.96.0.2"]),
+            &set(&["10.96.0.2", "10.96.0.3"]),
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            AddressChanges {
+                added: 1,
+                removed: 1
+            }
+        );
+        assert_eq!(
+            fake.addresses,
+            set(&["10.96.0.2", "10.96.0.3", "10.96.0.9"])
+        );
+        assert_eq!(fake.calls, 2);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use self::addresses::{AddressEdge, NetlinkAddresses};
-use self::balancer::{PortBalancer, PortPlan, plan};
+use self::balancer::{PortBalancer, PortPlan, plan_from};
 use self::listeners::{ConnSettings, ListenerSet, LocalClients, PortEntry};
 use self::stats::UserspaceStats;
 use crate::config::ProxyFlags;
@@ -233,19 +233,32 @@ impl Backend for UserspaceBackend {
     ) -> Result<SyncStats, BackendError> {
         let started = Instant::now();
         let mut stats = SyncStats {
-            // Every sync reconciles everything: addresses against a kernel listing,
-            // listeners and endpoint lists against the whole snapshot.
-            full: true,
+            // Listeners and endpoint lists are always reconciled against the whole snapshot
+            // (cheap, in memory); only the address listing is skipped on partial syncs.
+            full,
             ..SyncStats::default()
         };
         let node = (self.opts.node_settings)(&snap.node);
         self.settings
             .local
             .update(node.local_cidrs, node.local_addresses.clone());
+        let node_done = Instant::now();
 
-        // 1. Addresses first, so new listeners bind to local addresses.
-        self.desired_addresses = self.desired_addresses(snap);
-        let address_result = addresses::reconcile(self.addresses.as_mut(), &self.desired_addresses);
+        // 1. Addresses first, so new listeners bind to local addresses. A full sync compares
+        // with the kernel's listing (repairs removals behind our back); a partial one applies
+        // the difference from the previous sync.
+        let desired_addresses = self.desired_addresses(snap);
+        let address_result = if full {
+            addresses::reconcile(self.addresses.as_mut(), &desired_addresses)
+        } else {
+            addresses::apply(
+                self.addresses.as_mut(),
+                &self.desired_addresses,
+                &desired_addresses,
+            )
+        };
+        self.desired_addresses = desired_addresses;
+        let addresses_done = Instant::now();
         if let Ok(c) = &address_result {
             stats.objects_written += c.added;
             stats.objects_deleted += c.removed;
@@ -275,7 +288,7 @@ impl Backend for UserspaceBackend {
                 }
                 plans.insert(
                     (name.clone(), family),
-                    plan(&state.port, &state.endpoints, family, &snap.node),
+                    plan_from(&state.port, &sel, family, &snap.node),
                 );
             }
         }
@@ -315,6 +328,7 @@ impl Backend for UserspaceBackend {
             }
         }
         self.stats.retain(|n| snap.ports.contains_key(n));
+        let plans_done = Instant::now();
 
         // 3. Listeners.
         let (desired, conflicts) = listeners::desired(
@@ -336,10 +350,15 @@ impl Backend for UserspaceBackend {
         stats.objects_written += changes.opened;
         stats.objects_deleted += changes.closed;
         stats.kernel_time = started.elapsed();
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
         tracing::debug!(
             full,
             opened = changes.opened,
             closed = changes.closed,
+            node_ms = ms(started, node_done),
+            addresses_ms = ms(node_done, addresses_done),
+            plans_ms = ms(addresses_done, plans_done),
+            listeners_ms = ms(plans_done, Instant::now()),
             "userspace sync"
         );
 
