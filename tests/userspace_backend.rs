@@ -259,3 +259,32 @@ fn load_balancer_source_ranges_are_enforced() {
     let mut s = connect(SocketAddr::new(lb_ip, port)).unwrap();
     assert_eq!(ask(&mut s, "3").unwrap(), "a 3");
 }
+
+#[test]
+fn a_port_held_by_another_process_does_not_fail_the_sync_and_is_retried() {
+    let a = server("a");
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let holder = TcpListener::bind((ip, 0)).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let mut backend = UserspaceBackend::with_edge(
+        UserspaceOptions {
+            families: vec![IpFamily::V4],
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(|_| NodeSettings::default()),
+            worker_threads: 1,
+            stats: UserspaceStats::new(),
+        },
+        Box::new(FakeAddresses::default()),
+    )
+    .unwrap();
+    let snap = snapshot(ip, port, &[a]);
+    backend.sync(&snap, &Changes::default(), true).unwrap();
+    assert!(backend.listening().is_empty());
+    assert!(!backend.rules_intact(), "the canary asks for a retry");
+    drop(holder);
+    backend.sync(&snap, &Changes::default(), true).unwrap();
+    assert_eq!(backend.listening(), vec![SocketAddr::new(ip, port)]);
+    assert!(backend.rules_intact());
+    let mut s = connect(SocketAddr::new(ip, port)).unwrap();
+    assert_eq!(ask(&mut s, "1").unwrap(), "a 1");
+}

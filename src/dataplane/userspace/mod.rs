@@ -64,16 +64,6 @@ pub enum UserspaceError {
     /// The proxy's runtime could not be started.
     #[error("cannot start the proxy runtime: {0}")]
     Runtime(std::io::Error),
-    /// Listeners could not be opened (the first failure and how many failed).
-    #[error("cannot listen on {addr} ({count} listener(s) failed): {source}")]
-    Listen {
-        /// The first address that failed.
-        addr: SocketAddr,
-        /// How many listeners failed.
-        count: usize,
-        /// The OS error of the first.
-        source: std::io::Error,
-    },
 }
 
 /// Node facts the userspace proxy needs on each sync.
@@ -144,6 +134,8 @@ pub struct UserspaceBackend {
     listeners: ListenerSet,
     entries: HashMap<(ServicePortName, IpFamily), Arc<PortEntry>>,
     desired_addresses: BTreeSet<IpAddr>,
+    /// Listeners the last sync could not open (retried through the canary).
+    listen_failures: usize,
     stats: Arc<UserspaceStats>,
     settings: ConnSettings,
     opts: UserspaceOptions,
@@ -191,6 +183,7 @@ impl UserspaceBackend {
             listeners: ListenerSet::default(),
             entries: HashMap::new(),
             desired_addresses: BTreeSet::new(),
+            listen_failures: 0,
             stats: opts.stats.clone(),
             settings: ConnSettings {
                 idle_timeout: opts.idle_timeout,
@@ -363,15 +356,10 @@ impl Backend for UserspaceBackend {
         );
 
         address_result?;
-        let count = changes.failed.len();
-        if let Some((key, source)) = changes.failed.into_iter().next() {
-            return Err(UserspaceError::Listen {
-                addr: key.addr,
-                count,
-                source,
-            }
-            .into());
-        }
+        // A listener that cannot be opened (say, a NodePort some host process already holds)
+        // does not fail the sync, as a port conflict does not in the NAT modes: the others
+        // serve, each failure was logged, and the canary check retries it (full sync).
+        self.listen_failures = changes.failed.len();
         Ok(stats)
     }
 
@@ -386,7 +374,13 @@ impl Backend for UserspaceBackend {
         if !addresses_there {
             tracing::warn!("service addresses were removed behind svcproxy's back; resyncing");
         }
-        addresses_there && self.listeners.all_running()
+        if self.listen_failures > 0 {
+            tracing::info!(
+                failed = self.listen_failures,
+                "retrying listeners that could not be opened"
+            );
+        }
+        addresses_there && self.listeners.all_running() && self.listen_failures == 0
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
