@@ -60,6 +60,7 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ProxyMode {
+    /// NAT rules through iptables-restore.
     Iptables,
     /// Proxy connections in the svcproxy process (no NAT rules).
     Userspace,

@@ -342,7 +342,8 @@ impl Backend for UserspaceBackend {
         );
         stats.objects_written += changes.opened;
         stats.objects_deleted += changes.closed;
-        stats.kernel_time = started.elapsed();
+        // Kernel work: address changes, and opening/closing sockets.
+        stats.kernel_time = addresses_done.duration_since(node_done) + plans_done.elapsed();
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
         tracing::debug!(
             full,
