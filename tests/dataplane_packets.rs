@@ -301,6 +301,25 @@ fn endpoint_changes_converge(mode: &str) {
         "[{mode}] UDP client moved off {victim} in {} ms",
         took.as_millis()
     );
+
+    // A deleted service stops answering (and in userspace mode its address leaves the node).
+    t.remove_manifest("dns.yaml");
+    t.wait_until(
+        "the deleted UDP service to go quiet",
+        Duration::from_secs(10),
+        || Topology::udp(&t.client, "10.96.0.53", 53, 0).is_none(),
+    );
+    if mode == "userspace" {
+        t.wait_until(
+            "the deleted service's address to leave lo",
+            Duration::from_secs(10),
+            || {
+                !t.node
+                    .ok(&["ip", "addr", "show", "dev", "lo"])
+                    .contains("10.96.0.53/32")
+            },
+        );
+    }
 }
 
 fn flushed_rules_are_restored(mode: &str) {

@@ -142,6 +142,9 @@ pub struct NetlinkAddresses {
     handle: rtnetlink::Handle,
     /// Interface index addresses are added to.
     index: u32,
+    /// Where each known marked address lives (from the last listing and from adds), so a
+    /// removal needs no dump: removing many addresses stays linear.
+    known: std::collections::HashMap<IpAddr, u32>,
 }
 
 impl NetlinkAddresses {
@@ -158,6 +161,7 @@ impl NetlinkAddresses {
             runtime,
             handle,
             index: LOOPBACK_INDEX,
+            known: std::collections::HashMap::new(),
         };
         if use_dummy {
             match edge.dummy_index(true) {
@@ -274,7 +278,12 @@ fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
 
 impl AddressEdge for NetlinkAddresses {
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, UserspaceError> {
-        Ok(self.marked()?.iter().filter_map(address_of).collect())
+        let msgs = self.marked()?;
+        self.known = msgs
+            .iter()
+            .filter_map(|m| address_of(m).map(|ip| (ip, m.header.index)))
+            .collect();
+        Ok(self.known.keys().copied().collect())
     }
 
     fn add(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
@@ -292,15 +301,31 @@ impl AddressEdge for NetlinkAddresses {
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         match self.runtime.block_on(req.execute()) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.known.insert(ip, self.index);
+                Ok(())
+            }
+            // Already there (maybe not ours: then it stays unknown and is never removed).
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
             Err(e) => Err(netlink("add address", ip, e)),
         }
     }
 
     fn remove(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
-        let msgs = self.marked()?;
-        for msg in msgs.into_iter().filter(|m| address_of(m) == Some(ip)) {
+        let msgs = match self.known.remove(&ip) {
+            // The same message an add would send names the address to delete.
+            Some(index) => {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                let mut req = self.handle.address().add(index, ip, prefix);
+                vec![req.message_mut().clone()]
+            }
+            None => self
+                .marked()?
+                .into_iter()
+                .filter(|m| address_of(m) == Some(ip))
+                .collect(),
+        };
+        for msg in msgs {
             match self
                 .runtime
                 .block_on(self.handle.address().del(msg).execute())
