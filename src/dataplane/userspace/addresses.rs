@@ -34,6 +34,10 @@ pub trait AddressEdge: Send {
     fn add(&mut self, ip: IpAddr) -> Result<(), UserspaceError>;
     /// Removes svcproxy's `ip`. Removing an address that is gone is not an error.
     fn remove(&mut self, ip: IpAddr) -> Result<(), UserspaceError>;
+    /// Adds several addresses (an edge may overlap the requests); one result per address.
+    fn add_many(&mut self, ips: &[IpAddr]) -> Vec<Result<(), UserspaceError>> {
+        ips.iter().map(|ip| self.add(*ip)).collect()
+    }
 }
 
 /// What one reconciliation changed.
@@ -65,8 +69,9 @@ pub fn apply(
 ) -> Result<AddressChanges, UserspaceError> {
     let mut changes = AddressChanges::default();
     let mut first_error = None;
-    for ip in desired.difference(previous) {
-        match edge.add(*ip) {
+    let missing: Vec<IpAddr> = desired.difference(previous).copied().collect();
+    for result in edge.add_many(&missing) {
+        match result {
             Ok(()) => changes.added += 1,
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -287,28 +292,37 @@ impl AddressEdge for NetlinkAddresses {
     }
 
     fn add(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
-        let prefix = if ip.is_ipv4() { 32 } else { 128 };
-        let mut req = self.handle.address().add(self.index, ip, prefix);
-        let msg = req.message_mut();
-        msg.attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                ADDRESS_PROTO,
-            )));
-        if ip.is_ipv6() {
-            // No duplicate address detection: the address must be usable (bindable) at once.
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.add_many(&[ip]).pop().unwrap_or(Ok(()))
+    }
+
+    fn add_many(&mut self, ips: &[IpAddr]) -> Vec<Result<(), UserspaceError>> {
+        use futures_util::StreamExt;
+        let requests: Vec<_> = ips.iter().map(|ip| (*ip, self.add_request(*ip))).collect();
+        // Up to 256 requests in flight: one round trip to the kernel per address would make
+        // the first sync of a big cluster wait on thread hand-offs, not on the kernel.
+        let outcomes: Vec<(IpAddr, Result<(), rtnetlink::Error>)> = self.runtime.block_on(
+            futures_util::stream::iter(requests)
+                .map(|(ip, req)| async move { (ip, req.execute().await) })
+                .buffer_unordered(256)
+                .collect(),
+        );
+        let mut by_ip: std::collections::HashMap<IpAddr, Result<(), UserspaceError>> =
+            std::collections::HashMap::new();
+        for (ip, outcome) in outcomes {
+            let result = match outcome {
+                Ok(()) => {
+                    self.known.insert(ip, self.index);
+                    Ok(())
+                }
+                // Already there (maybe not ours: then it stays unknown and is never removed).
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
+                Err(e) => Err(netlink("add address", ip, e)),
+            };
+            by_ip.insert(ip, result);
         }
-        match self.runtime.block_on(req.execute()) {
-            Ok(()) => {
-                self.known.insert(ip, self.index);
-                Ok(())
-            }
-            // Already there (maybe not ours: then it stays unknown and is never removed).
-            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
-            Err(e) => Err(netlink("add address", ip, e)),
-        }
+        ips.iter()
+            .map(|ip| by_ip.remove(ip).unwrap_or(Ok(())))
+            .collect()
     }
 
     fn remove(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
@@ -340,6 +354,24 @@ impl AddressEdge for NetlinkAddresses {
 }
 
 impl NetlinkAddresses {
+    /// The request that adds `ip` to the service interface, marked.
+    fn add_request(&self, ip: IpAddr) -> rtnetlink::AddressAddRequest {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut req = self.handle.address().add(self.index, ip, prefix);
+        let msg = req.message_mut();
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(
+                ADDRESS_PROTO,
+            )));
+        if ip.is_ipv6() {
+            // No duplicate address detection: the address must be usable (bindable) at once.
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req
+    }
+
     /// Removes every marked address in one dump (instead of one dump per address).
     pub fn remove_all(&mut self) -> Result<usize, UserspaceError> {
         let msgs = self.marked()?;
