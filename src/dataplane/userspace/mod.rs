@@ -366,7 +366,15 @@ impl Backend for UserspaceBackend {
 
     fn rules_intact(&mut self) -> bool {
         let addresses_there = match self.addresses.list() {
-            Ok(present) => self.desired_addresses.is_subset(&present),
+            Ok(present) if self.desired_addresses.is_subset(&present) => true,
+            Ok(present) => {
+                // A service IP that was already on the node (the admin's, unmarked) is not in
+                // svcproxy's list but still local: only a really missing address counts.
+                let local = crate::daemon::local_addresses();
+                self.desired_addresses
+                    .difference(&present)
+                    .all(|ip| local.contains(ip))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list service addresses");
                 false
