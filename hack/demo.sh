@@ -39,7 +39,7 @@ STEP="starting"
 step() { # a numbered section header
   STEP_NO=$((STEP_NO + 1))
   STEP="$*"
-  printf '\n%s==> [%d/8] %s%s\n' "$B" "$STEP_NO" "$*" "$R"
+  printf '\n%s==> [%d/9] %s%s\n' "$B" "$STEP_NO" "$*" "$R"
 }
 say() { printf '    %s\n' "$*"; }
 explain() { printf '    %s%s%s\n' "$DIM" "$*" "$R"; }

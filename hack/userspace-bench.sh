@@ -58,7 +58,9 @@ link() { # pod-side namespace, host-side interface, address
 link "$POD" vpod 10.244.1.11
 link "$CLIENT" vcli 10.244.1.100
 
-nsx "$POD" "$TOOL" server 0.0.0.0:8080 & PIDS+=($!)
+# Background processes are started with ip netns exec directly (it execs, so $! is the
+# process itself and the exit trap can stop it).
+ip netns exec "$POD" "$TOOL" server 0.0.0.0:8080 & PIDS+=($!)
 
 mkdir -p "$WORK/m"
 cat > "$WORK/m/svc.yaml" <<'EOF'
@@ -81,7 +83,7 @@ addressType: IPv4
 ports: [{name: tcp, port: 8080, protocol: TCP}]
 endpoints: [{addresses: [10.244.1.11], nodeName: node-a}]
 EOF
-nsx "$NODE" env RUST_LOG=warn "$BIN" --proxy-mode userspace --hostname-override node-a \
+ip netns exec "$NODE" env RUST_LOG=warn "$BIN" --proxy-mode userspace --hostname-override node-a \
   --cluster-cidr 10.244.0.0/16 --manifests-dir "$WORK/m" 2> "$WORK/proxy.log" & PIDS+=($!)
 PROXY_PID=$!
 
@@ -121,7 +123,7 @@ if [ "$SCALE" -gt 0 ]; then
   SNS=$P-scale
   ip netns add "$SNS"; nsx "$SNS" ip link set lo up
   python3 hack/gen-manifests.py -n "$SCALE" -e 3 -o "$WORK/scale" --per-file 500 >/dev/null
-  nsx "$SNS" env RUST_LOG=info "$BIN" --proxy-mode userspace --hostname-override node-0 \
+  ip netns exec "$SNS" env RUST_LOG=info "$BIN" --proxy-mode userspace --hostname-override node-0 \
     --cluster-cidr 10.128.0.0/9 --min-sync-period 100ms --manifests-dir "$WORK/scale" 2> "$WORK/scale.log" & PIDS+=($!)
   SPID=$!
   wait_syncs() { for _ in $(seq 1200); do [ "$(grep -c 'synced rules' "$WORK/scale.log" || true)" -ge "$1" ] && return 0; sleep 0.05; done; tail "$WORK/scale.log"; return 1; }

@@ -156,6 +156,26 @@ fn nat_render_config(proxy: &ProxyFlags) -> Result<ConfigFn, DaemonError> {
     }))
 }
 
+/// Removes the service addresses a userspace-mode run left on this node (the NAT modes must
+/// not find ClusterIPs made local). Failures are logged: the NAT rules work regardless.
+async fn remove_userspace_leftovers() {
+    // It drives netlink on a runtime of its own: run it off this one.
+    let removed = tokio::task::spawn_blocking(crate::dataplane::userspace::remove_addresses).await;
+    match removed {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(
+            addresses = n,
+            "removed the userspace mode's service addresses"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot remove the userspace mode's service addresses")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot remove the userspace mode's service addresses")
+        }
+    }
+}
+
 /// Starts the daemon: servers, backend, runner thread and source. Must run inside a tokio
 /// runtime (the servers and API watchers are tasks on it).
 pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
@@ -205,6 +225,7 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
 
     let backend: Box<dyn Backend> = match mode {
         ProxyMode::Iptables => {
+            remove_userspace_leftovers().await;
             let config = nat_render_config(&settings.proxy)?;
             let variant = opts.iptables_variant.unwrap_or_else(Variant::detect);
             tracing::info!(iptables = ?variant, "programming iptables");
@@ -216,6 +237,7 @@ pub async fn start(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
             ))
         }
         ProxyMode::Nftables => {
+            remove_userspace_leftovers().await;
             let config = nat_render_config(&settings.proxy)?;
             Box::new(nftables::backend::start(&opts.families, config))
         }

@@ -8,7 +8,8 @@
 //!
 //! - [`model`] is pure: service ports, endpoints, the change tracker and the per-node endpoint
 //!   selection where every Kubernetes traffic-policy rule is decided once.
-//! - [`dataplane`] renders a snapshot into rules for one backend (iptables today).
+//! - [`dataplane`] turns a snapshot into kernel state for one backend: iptables rules, or
+//!   the userspace proxy's addresses and listeners.
 //! - [`source`] reads Kubernetes objects (from files for now) into model changes.
 //! - [`render`] is the `svcproxy render` command: files in, `iptables-restore` input out.
 

@@ -178,6 +178,7 @@ fn cleanup() -> ExitCode {
 }
 
 fn run_daemon(settings: Settings, iptables_variant: Option<Variant>) -> ExitCode {
+    let mode = settings.mode;
     let opts = DaemonOptions {
         settings,
         iptables_variant,
@@ -216,7 +217,11 @@ fn run_daemon(settings: Settings, iptables_variant: Option<Variant>) -> ExitCode
             }
             _ => std::future::pending::<()>().await,
         }
-        tracing::info!("shutting down; installed rules stay in place");
+        if mode == ProxyMode::Userspace {
+            tracing::info!("shutting down; service addresses stay in place, connections close");
+        } else {
+            tracing::info!("shutting down; installed rules stay in place");
+        }
         // The sync thread is joined off the runtime's worker threads.
         let _ = tokio::task::spawn_blocking(move || daemon.stop()).await;
         ExitCode::SUCCESS

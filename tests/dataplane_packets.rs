@@ -301,6 +301,25 @@ fn endpoint_changes_converge(mode: &str) {
         "[{mode}] UDP client moved off {victim} in {} ms",
         took.as_millis()
     );
+
+    // A deleted service stops answering (and in userspace mode its address leaves the node).
+    t.remove_manifest("dns.yaml");
+    t.wait_until(
+        "the deleted UDP service to go quiet",
+        Duration::from_secs(10),
+        || Topology::udp(&t.client, "10.96.0.53", 53, 0).is_none(),
+    );
+    if mode == "userspace" {
+        t.wait_until(
+            "the deleted service's address to leave lo",
+            Duration::from_secs(10),
+            || {
+                !t.node
+                    .ok(&["ip", "addr", "show", "dev", "lo"])
+                    .contains("10.96.0.53/32")
+            },
+        );
+    }
 }
 
 fn flushed_rules_are_restored(mode: &str) {
@@ -403,21 +422,34 @@ fn cleanup_leaves_nothing(mode: &str) {
     assert!(listening.trim().is_empty(), "listeners left:\n{listening}");
 }
 
-/// A node switched from iptables mode keeps serving, without the NAT rules left behind
-/// (their DNAT would otherwise take the traffic before the proxy sees it).
-fn takes_over_from_iptables(mode: &str) {
-    if mode == "iptables" {
-        skipped(mode, "take-over from iptables", "same mode");
-        return;
-    }
-    let mut t = started("iptables");
+/// A node switched from another mode keeps serving, without that mode's state left behind:
+/// NAT rules (their DNAT would take the traffic before a userspace proxy sees it) or the
+/// userspace mode's service addresses.
+fn takes_over_from_another_mode(mode: &str) {
+    // The NAT modes take over from the userspace mode, the others from iptables mode.
+    let previous = if mode == "iptables" {
+        "userspace"
+    } else {
+        "iptables"
+    };
+    let mut t = started(previous);
     t.stop_proxy();
-    assert!(t.node.ok(&["iptables-save"]).contains("KUBE-SERVICES"));
+    let leftovers = |t: &Topology| match previous {
+        "iptables" => t.node.ok(&["iptables-save"]).contains("KUBE-"),
+        _ => t
+            .node
+            .ok(&["ip", "-4", "addr", "show", "dev", "lo"])
+            .contains("10.96.0.10/32"),
+    };
+    assert!(
+        leftovers(&t),
+        "{previous} mode left its state behind on a normal stop"
+    );
     t.start_proxy(mode, &[]);
     t.wait_until(
-        "the NAT rules to be removed",
+        "the previous mode's rules or addresses to be removed",
         Duration::from_secs(20),
-        || !t.node.ok(&["iptables-save"]).contains("KUBE-"),
+        || !leftovers(&t),
     );
     t.wait_until(
         "the web ClusterIP to answer",
@@ -498,9 +530,9 @@ macro_rules! packet_tests {
             }
 
             #[test]
-            fn takes_over_from_iptables() {
-                if kernel_tests_possible(concat!(stringify!($mode), "::takes_over_from_iptables")) {
-                    super::takes_over_from_iptables(stringify!($mode));
+            fn takes_over_from_another_mode() {
+                if kernel_tests_possible(concat!(stringify!($mode), "::takes_over_from_another_mode")) {
+                    super::takes_over_from_another_mode(stringify!($mode));
                 }
             }
 

@@ -4,17 +4,17 @@
 //! contract: connections survive endpoint changes and are closed when their service is
 //! deleted; a port without endpoints refuses at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use svcproxy::dataplane::Backend;
-use svcproxy::dataplane::userspace::addresses::FakeAddresses;
+use svcproxy::dataplane::userspace::addresses::{AddressEdge, FakeAddresses};
 use svcproxy::dataplane::userspace::stats::UserspaceStats;
 use svcproxy::dataplane::userspace::{
-    DEFAULT_IDLE_TIMEOUT, NodeSettings, UserspaceBackend, UserspaceOptions,
+    DEFAULT_IDLE_TIMEOUT, NodeSettings, UserspaceBackend, UserspaceError, UserspaceOptions,
 };
 use svcproxy::model::{
     Changes, Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
@@ -258,4 +258,73 @@ fn load_balancer_source_ranges_are_enforced() {
         .unwrap();
     let mut s = connect(SocketAddr::new(lb_ip, port)).unwrap();
     assert_eq!(ask(&mut s, "3").unwrap(), "a 3");
+}
+
+#[test]
+fn a_port_held_by_another_process_does_not_fail_the_sync_and_is_retried() {
+    let a = server("a");
+    let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    let holder = TcpListener::bind((ip, 0)).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let mut backend = UserspaceBackend::with_edge(
+        UserspaceOptions {
+            families: vec![IpFamily::V4],
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(|_| NodeSettings::default()),
+            worker_threads: 1,
+            stats: UserspaceStats::new(),
+        },
+        Box::new(FakeAddresses::default()),
+    )
+    .unwrap();
+    let snap = snapshot(ip, port, &[a]);
+    backend.sync(&snap, &Changes::default(), true).unwrap();
+    assert!(backend.listening().is_empty());
+    assert!(!backend.rules_intact(), "the canary asks for a retry");
+    drop(holder);
+    backend.sync(&snap, &Changes::default(), true).unwrap();
+    assert_eq!(backend.listening(), vec![SocketAddr::new(ip, port)]);
+    assert!(backend.rules_intact());
+    let mut s = connect(SocketAddr::new(ip, port)).unwrap();
+    assert_eq!(ask(&mut s, "1").unwrap(), "a 1");
+}
+
+/// An edge where every service IP "already existed" unmarked (the kernel answered EEXIST):
+/// nothing is recorded as svcproxy's.
+struct ForeignAddresses;
+
+impl AddressEdge for ForeignAddresses {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, UserspaceError> {
+        Ok(BTreeSet::new())
+    }
+    fn add(&mut self, _ip: IpAddr) -> Result<(), UserspaceError> {
+        Ok(())
+    }
+    fn remove(&mut self, _ip: IpAddr) -> Result<(), UserspaceError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn canary_tells_a_foreign_local_address_from_a_missing_one() {
+    let mut backend = UserspaceBackend::with_edge(
+        UserspaceOptions {
+            families: vec![IpFamily::V4],
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(|_| NodeSettings::default()),
+            worker_threads: 1,
+            stats: UserspaceStats::new(),
+        },
+        Box::new(ForeignAddresses),
+    )
+    .unwrap();
+    // 127.0.0.1 is local (not svcproxy's): the canary is satisfied.
+    let local = snapshot("127.0.0.1".parse().unwrap(), 1, &[]);
+    backend.sync(&local, &Changes::default(), true).unwrap();
+    assert!(backend.rules_intact());
+    // 198.51.100.77 is nowhere (no endpoints, so no listener either): resync wanted.
+    let missing = snapshot("198.51.100.77".parse().unwrap(), 1, &[]);
+    backend.sync(&missing, &Changes::default(), true).unwrap();
+    assert!(backend.listening().is_empty());
+    assert!(!backend.rules_intact());
 }

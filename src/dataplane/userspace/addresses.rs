@@ -34,6 +34,10 @@ pub trait AddressEdge: Send {
     fn add(&mut self, ip: IpAddr) -> Result<(), UserspaceError>;
     /// Removes svcproxy's `ip`. Removing an address that is gone is not an error.
     fn remove(&mut self, ip: IpAddr) -> Result<(), UserspaceError>;
+    /// Adds several addresses (an edge may overlap the requests); one result per address.
+    fn add_many(&mut self, ips: &[IpAddr]) -> Vec<Result<(), UserspaceError>> {
+        ips.iter().map(|ip| self.add(*ip)).collect()
+    }
 }
 
 /// What one reconciliation changed.
@@ -53,17 +57,28 @@ pub fn reconcile(
     desired: &BTreeSet<IpAddr>,
 ) -> Result<AddressChanges, UserspaceError> {
     let present = edge.list()?;
+    apply(edge, &present, desired)
+}
+
+/// Applies the change from `previous` to `desired` without listing the kernel (partial
+/// syncs: the previous sync left exactly `previous`). Same error handling as [`reconcile`].
+pub fn apply(
+    edge: &mut dyn AddressEdge,
+    previous: &BTreeSet<IpAddr>,
+    desired: &BTreeSet<IpAddr>,
+) -> Result<AddressChanges, UserspaceError> {
     let mut changes = AddressChanges::default();
     let mut first_error = None;
-    for ip in desired.difference(&present) {
-        match edge.add(*ip) {
+    let missing: Vec<IpAddr> = desired.difference(previous).copied().collect();
+    for result in edge.add_many(&missing) {
+        match result {
             Ok(()) => changes.added += 1,
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    for ip in present.difference(desired) {
+    for ip in previous.difference(desired) {
         match edge.remove(*ip) {
             Ok(()) => changes.removed += 1,
             Err(e) => {
@@ -132,6 +147,9 @@ pub struct NetlinkAddresses {
     handle: rtnetlink::Handle,
     /// Interface index addresses are added to.
     index: u32,
+    /// Where each known marked address lives (from the last listing and from adds), so a
+    /// removal needs no dump: removing many addresses stays linear.
+    known: std::collections::HashMap<IpAddr, u32>,
 }
 
 impl NetlinkAddresses {
@@ -148,6 +166,7 @@ impl NetlinkAddresses {
             runtime,
             handle,
             index: LOOPBACK_INDEX,
+            known: std::collections::HashMap::new(),
         };
         if use_dummy {
             match edge.dummy_index(true) {
@@ -158,7 +177,7 @@ impl NetlinkAddresses {
                 }
             }
         }
-        tracing::info!(
+        tracing::debug!(
             interface = if edge.index == LOOPBACK_INDEX {
                 "lo"
             } else {
@@ -264,33 +283,63 @@ fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
 
 impl AddressEdge for NetlinkAddresses {
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, UserspaceError> {
-        Ok(self.marked()?.iter().filter_map(address_of).collect())
+        let msgs = self.marked()?;
+        self.known = msgs
+            .iter()
+            .filter_map(|m| address_of(m).map(|ip| (ip, m.header.index)))
+            .collect();
+        Ok(self.known.keys().copied().collect())
     }
 
     fn add(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
-        let prefix = if ip.is_ipv4() { 32 } else { 128 };
-        let mut req = self.handle.address().add(self.index, ip, prefix);
-        let msg = req.message_mut();
-        msg.attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                ADDRESS_PROTO,
-            )));
-        if ip.is_ipv6() {
-            // No duplicate address detection: the address must be usable (bindable) at once.
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.add_many(&[ip]).pop().unwrap_or(Ok(()))
+    }
+
+    fn add_many(&mut self, ips: &[IpAddr]) -> Vec<Result<(), UserspaceError>> {
+        use futures::StreamExt;
+        let requests: Vec<_> = ips.iter().map(|ip| (*ip, self.add_request(*ip))).collect();
+        // Up to 256 requests in flight: one round trip to the kernel per address would make
+        // the first sync of a big cluster wait on thread hand-offs, not on the kernel.
+        let outcomes: Vec<(IpAddr, Result<(), rtnetlink::Error>)> = self.runtime.block_on(
+            futures::stream::iter(requests)
+                .map(|(ip, req)| async move { (ip, req.execute().await) })
+                .buffer_unordered(256)
+                .collect(),
+        );
+        let mut by_ip: std::collections::HashMap<IpAddr, Result<(), UserspaceError>> =
+            std::collections::HashMap::new();
+        for (ip, outcome) in outcomes {
+            let result = match outcome {
+                Ok(()) => {
+                    self.known.insert(ip, self.index);
+                    Ok(())
+                }
+                // Already there (maybe not ours: then it stays unknown and is never removed).
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
+                Err(e) => Err(netlink("add address", ip, e)),
+            };
+            by_ip.insert(ip, result);
         }
-        match self.runtime.block_on(req.execute()) {
-            Ok(()) => Ok(()),
-            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EEXIST as i32) => Ok(()),
-            Err(e) => Err(netlink("add address", ip, e)),
-        }
+        ips.iter()
+            .map(|ip| by_ip.remove(ip).unwrap_or(Ok(())))
+            .collect()
     }
 
     fn remove(&mut self, ip: IpAddr) -> Result<(), UserspaceError> {
-        let msgs = self.marked()?;
-        for msg in msgs.into_iter().filter(|m| address_of(m) == Some(ip)) {
+        let msgs = match self.known.remove(&ip) {
+            // The same message an add would send names the address to delete.
+            Some(index) => {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                let mut req = self.handle.address().add(index, ip, prefix);
+                vec![req.message_mut().clone()]
+            }
+            None => self
+                .marked()?
+                .into_iter()
+                .filter(|m| address_of(m) == Some(ip))
+                .collect(),
+        };
+        for msg in msgs {
             match self
                 .runtime
                 .block_on(self.handle.address().del(msg).execute())
@@ -305,6 +354,24 @@ impl AddressEdge for NetlinkAddresses {
 }
 
 impl NetlinkAddresses {
+    /// The request that adds `ip` to the service interface, marked.
+    fn add_request(&self, ip: IpAddr) -> rtnetlink::AddressAddRequest {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut req = self.handle.address().add(self.index, ip, prefix);
+        let msg = req.message_mut();
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(
+                ADDRESS_PROTO,
+            )));
+        if ip.is_ipv6() {
+            // No duplicate address detection: the address must be usable (bindable) at once.
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req
+    }
+
     /// Removes every marked address in one dump (instead of one dump per address).
     pub fn remove_all(&mut self) -> Result<usize, UserspaceError> {
         let msgs = self.marked()?;
@@ -355,6 +422,34 @@ mod tests {
             AddressChanges::default()
         );
         assert_eq!(fake.calls, calls);
+    }
+
+    #[test]
+    fn apply_changes_only_the_difference_without_listing() {
+        let mut fake = FakeAddresses {
+            // 10.96.0.9 is marked in the kernel but unknown to the previous sync: a partial
+            // sync leaves it to the next full one.
+            addresses: set(&["10.96.0.1", "10.96.0.2", "10.96.0.9"]),
+            ..FakeAddresses::default()
+        };
+        let c = apply(
+            &mut fake,
+            &set(&["10.96.0.1", "10.96.0.2"]),
+            &set(&["10.96.0.2", "10.96.0.3"]),
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            AddressChanges {
+                added: 1,
+                removed: 1
+            }
+        );
+        assert_eq!(
+            fake.addresses,
+            set(&["10.96.0.2", "10.96.0.3", "10.96.0.9"])
+        );
+        assert_eq!(fake.calls, 2);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::model::{Endpoint, IpFamily, NodeInfo, PathPlan, ServicePort, SessionAffinity, select};
+use crate::model::{
+    Endpoint, IpFamily, NodeInfo, PathPlan, Selection, ServicePort, SessionAffinity, select,
+};
 
 /// How long an endpoint whose connect failed is tried last (after every other endpoint), so
 /// a dead pod costs one connect timeout per cooldown instead of one per connection.
@@ -85,7 +87,16 @@ pub fn plan(
     family: IpFamily,
     node: &NodeInfo,
 ) -> PortPlan {
-    let sel = select(port, endpoints, family, node);
+    plan_from(port, &select(port, endpoints, family, node), family, node)
+}
+
+/// The plan of `port` from its selection `sel` (when the caller already selected).
+pub fn plan_from(
+    port: &ServicePort,
+    sel: &Selection<'_>,
+    family: IpFamily,
+    node: &NodeInfo,
+) -> PortPlan {
     let pick = |p: PathPlan| match p {
         PathPlan::Cluster => addrs(&sel.cluster),
         PathPlan::Local => addrs(&sel.local),

@@ -39,7 +39,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use self::addresses::{AddressEdge, NetlinkAddresses};
-use self::balancer::{PortBalancer, PortPlan, plan};
+use self::balancer::{PortBalancer, PortPlan, plan_from};
 use self::listeners::{ConnSettings, ListenerSet, LocalClients, PortEntry};
 use self::stats::UserspaceStats;
 use crate::config::ProxyFlags;
@@ -64,16 +64,6 @@ pub enum UserspaceError {
     /// The proxy's runtime could not be started.
     #[error("cannot start the proxy runtime: {0}")]
     Runtime(std::io::Error),
-    /// Listeners could not be opened (the first failure and how many failed).
-    #[error("cannot listen on {addr} ({count} listener(s) failed): {source}")]
-    Listen {
-        /// The first address that failed.
-        addr: SocketAddr,
-        /// How many listeners failed.
-        count: usize,
-        /// The OS error of the first.
-        source: std::io::Error,
-    },
 }
 
 /// Node facts the userspace proxy needs on each sync.
@@ -144,6 +134,8 @@ pub struct UserspaceBackend {
     listeners: ListenerSet,
     entries: HashMap<(ServicePortName, IpFamily), Arc<PortEntry>>,
     desired_addresses: BTreeSet<IpAddr>,
+    /// Listeners the last sync could not open (retried through the canary).
+    listen_failures: usize,
     stats: Arc<UserspaceStats>,
     settings: ConnSettings,
     opts: UserspaceOptions,
@@ -191,6 +183,7 @@ impl UserspaceBackend {
             listeners: ListenerSet::default(),
             entries: HashMap::new(),
             desired_addresses: BTreeSet::new(),
+            listen_failures: 0,
             stats: opts.stats.clone(),
             settings: ConnSettings {
                 idle_timeout: opts.idle_timeout,
@@ -233,19 +226,32 @@ impl Backend for UserspaceBackend {
     ) -> Result<SyncStats, BackendError> {
         let started = Instant::now();
         let mut stats = SyncStats {
-            // Every sync reconciles everything: addresses against a kernel listing,
-            // listeners and endpoint lists against the whole snapshot.
-            full: true,
+            // Listeners and endpoint lists are always reconciled against the whole snapshot
+            // (cheap, in memory); only the address listing is skipped on partial syncs.
+            full,
             ..SyncStats::default()
         };
         let node = (self.opts.node_settings)(&snap.node);
         self.settings
             .local
             .update(node.local_cidrs, node.local_addresses.clone());
+        let node_done = Instant::now();
 
-        // 1. Addresses first, so new listeners bind to local addresses.
-        self.desired_addresses = self.desired_addresses(snap);
-        let address_result = addresses::reconcile(self.addresses.as_mut(), &self.desired_addresses);
+        // 1. Addresses first, so new listeners bind to local addresses. A full sync compares
+        // with the kernel's listing (repairs removals behind our back); a partial one applies
+        // the difference from the previous sync.
+        let desired_addresses = self.desired_addresses(snap);
+        let address_result = if full {
+            addresses::reconcile(self.addresses.as_mut(), &desired_addresses)
+        } else {
+            addresses::apply(
+                self.addresses.as_mut(),
+                &self.desired_addresses,
+                &desired_addresses,
+            )
+        };
+        self.desired_addresses = desired_addresses;
+        let addresses_done = Instant::now();
         if let Ok(c) = &address_result {
             stats.objects_written += c.added;
             stats.objects_deleted += c.removed;
@@ -275,7 +281,7 @@ impl Backend for UserspaceBackend {
                 }
                 plans.insert(
                     (name.clone(), family),
-                    plan(&state.port, &state.endpoints, family, &snap.node),
+                    plan_from(&state.port, &sel, family, &snap.node),
                 );
             }
         }
@@ -315,6 +321,7 @@ impl Backend for UserspaceBackend {
             }
         }
         self.stats.retain(|n| snap.ports.contains_key(n));
+        let plans_done = Instant::now();
 
         // 3. Listeners.
         let (desired, conflicts) = listeners::desired(
@@ -335,30 +342,39 @@ impl Backend for UserspaceBackend {
         );
         stats.objects_written += changes.opened;
         stats.objects_deleted += changes.closed;
-        stats.kernel_time = started.elapsed();
+        // Kernel work: address changes, and opening/closing sockets.
+        stats.kernel_time = addresses_done.duration_since(node_done) + plans_done.elapsed();
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
         tracing::debug!(
             full,
             opened = changes.opened,
             closed = changes.closed,
+            node_ms = ms(started, node_done),
+            addresses_ms = ms(node_done, addresses_done),
+            plans_ms = ms(addresses_done, plans_done),
+            listeners_ms = ms(plans_done, Instant::now()),
             "userspace sync"
         );
 
         address_result?;
-        let count = changes.failed.len();
-        if let Some((key, source)) = changes.failed.into_iter().next() {
-            return Err(UserspaceError::Listen {
-                addr: key.addr,
-                count,
-                source,
-            }
-            .into());
-        }
+        // A listener that cannot be opened (say, a NodePort some host process already holds)
+        // does not fail the sync, as a port conflict does not in the NAT modes: the others
+        // serve, each failure was logged, and the canary check retries it (full sync).
+        self.listen_failures = changes.failed.len();
         Ok(stats)
     }
 
     fn rules_intact(&mut self) -> bool {
         let addresses_there = match self.addresses.list() {
-            Ok(present) => self.desired_addresses.is_subset(&present),
+            Ok(present) if self.desired_addresses.is_subset(&present) => true,
+            Ok(present) => {
+                // A service IP that was already on the node (the admin's, unmarked) is not in
+                // svcproxy's list but still local: only a really missing address counts.
+                let local = crate::daemon::local_addresses();
+                self.desired_addresses
+                    .difference(&present)
+                    .all(|ip| local.contains(ip))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list service addresses");
                 false
@@ -367,7 +383,13 @@ impl Backend for UserspaceBackend {
         if !addresses_there {
             tracing::warn!("service addresses were removed behind svcproxy's back; resyncing");
         }
-        addresses_there && self.listeners.all_running()
+        if self.listen_failures > 0 {
+            tracing::info!(
+                failed = self.listen_failures,
+                "retrying listeners that could not be opened"
+            );
+        }
+        addresses_there && self.listeners.all_running() && self.listen_failures == 0
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
