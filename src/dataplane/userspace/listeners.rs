@@ -318,19 +318,9 @@ impl ListenerSet {
 
 /// A listening TCP socket on `addr`: SO_REUSEADDR (restarts while old connections linger
 /// in TIME_WAIT), IP_FREEBIND (binding does not race with the address being added), v6-only
-/// for IPv6 (so `[::]:port` and `0.0.0.0:port` coexist).
+/// for IPv6 (so `[::]:port` and `0.0.0.0:port` coexist); see [`bound_socket`].
 fn open_tcp(runtime: &tokio::runtime::Handle, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
+    let socket = bound_socket(addr, socket2::Type::STREAM)?;
     socket.listen(4096)?;
     let _guard = runtime.enter();
     TcpListener::from_std(socket.into())
@@ -613,4 +603,24 @@ mod tests {
         assert!(l.contains("127.0.0.1".parse().unwrap()));
         assert!(!l.contains("192.168.0.2".parse().unwrap()));
     }
+}
+
+/// A non-blocking socket of type `ty` bound to `addr` with the options every listener needs:
+/// SO_REUSEADDR, IP_FREEBIND, and v6-only for IPv6.
+pub(super) fn bound_socket(
+    addr: SocketAddr,
+    ty: socket2::Type,
+) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket};
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }

@@ -41,17 +41,7 @@ type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<Session>>>>;
 
 /// A bound UDP socket on `addr` with SO_REUSEADDR and IP_FREEBIND (see the TCP listener).
 pub fn open_udp(runtime: &tokio::runtime::Handle, addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
+    let socket = super::listeners::bound_socket(addr, socket2::Type::DGRAM)?;
     let _guard = runtime.enter();
     UdpSocket::from_std(socket.into())
 }
