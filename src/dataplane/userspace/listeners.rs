@@ -417,6 +417,26 @@ async fn serve(
     }
 }
 
+/// A non-blocking socket of type `ty` bound to `addr` with the options every listener needs:
+/// SO_REUSEADDR, IP_FREEBIND, and v6-only for IPv6.
+pub(super) fn bound_socket(
+    addr: SocketAddr,
+    ty: socket2::Type,
+) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket};
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,24 +623,4 @@ mod tests {
         assert!(l.contains("127.0.0.1".parse().unwrap()));
         assert!(!l.contains("192.168.0.2".parse().unwrap()));
     }
-}
-
-/// A non-blocking socket of type `ty` bound to `addr` with the options every listener needs:
-/// SO_REUSEADDR, IP_FREEBIND, and v6-only for IPv6.
-pub(super) fn bound_socket(
-    addr: SocketAddr,
-    ty: socket2::Type,
-) -> std::io::Result<socket2::Socket> {
-    use socket2::{Domain, Socket};
-    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
 }
