@@ -39,18 +39,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-now_ms() { date +%s%3N; }
-
-# Waits until the log has N "synced rules" lines; prints the elapsed_ms of the last one.
-wait_sync() {
-  local log=$1 n=$2 deadline=$(( $(date +%s) + TIMEOUT ))
-  while [ "$(grep -c 'synced rules' "$log" || true)" -lt "$n" ]; do
-    if grep -q "sync failed" "$log"; then echo "sync failed:" >&2; tail -5 "$log" >&2; return 1; fi
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "timeout" >&2; return 1; }
-    sleep 0.01
-  done
-  grep 'synced rules' "$log" | sed -n "${n}p" | sed -E 's/.*elapsed_ms=([0-9.]+).*/\1/'
-}
+# now_ms, wait_sync
+source hack/bench-lib.sh
 
 # The service the connect latency is measured through: ClusterIP 10.96.255.1:80 -> one pod
 # at 10.255.255.1:8080 in its own namespace.

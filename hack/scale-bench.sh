@@ -39,18 +39,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-now_ms() { date +%s%3N; }
-
-# Waits until the log has N "synced rules" lines; prints the elapsed_ms of the last one.
-wait_sync() {
-  local log=$1 n=$2 deadline=$(( $(date +%s) + TIMEOUT ))
-  while [ "$(grep -c 'synced rules' "$log" || true)" -lt "$n" ]; do
-    if grep -q "sync failed" "$log"; then echo "sync failed:" >&2; tail -5 "$log" >&2; return 1; fi
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "timeout" >&2; return 1; }
-    sleep 0.05
-  done
-  grep 'synced rules' "$log" | sed -n "${n}p" | sed -E 's/.*elapsed_ms=([0-9.]+).*/\1/'
-}
+# now_ms, wait_sync
+source hack/bench-lib.sh
 
 printf '%-7s %-4s %9s %9s %9s %9s %10s %11s %14s %8s %8s\n' services eps raw_s flush_s full_s full/raw full/flush partial_ms partial_e2e_ms rss_MiB text_MiB
 for N in "${counts[@]}"; do
@@ -85,7 +75,7 @@ for N in "${counts[@]}"; do
   full_ms=$(wait_sync "$log" 1)
 
   # Change one endpoint of the first service (10.128.x -> 10.127.x): rewrite its file atomically.
-  f=$(ls "$dir"/gen-svc-*.yaml | head -1)
+  files=("$dir"/gen-svc-*.yaml); f=${files[0]}
   sed '0,/addresses: \[10\.128\./s//addresses: [10.127./' "$f" > "$dir/.edit.tmp"
   cmp -s "$f" "$dir/.edit.tmp" && { echo "endpoint edit did not change $f" >&2; exit 1; }
   t0=$(now_ms)
