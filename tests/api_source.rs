@@ -62,27 +62,31 @@ fn names(changes: &Changes) -> Vec<String> {
     changes.services.iter().map(|s| s.to_string()).collect()
 }
 
+/// Creates `shop/<name>` on `cluster_ip` and its slice `<name>-1` with `ips` on `node`.
+fn add_service(api: &MockApi, name: &str, cluster_ip: &str, ips: &[&str], node: &str) {
+    api.apply(mock_api::service("shop", name, cluster_ip));
+    api.apply(mock_api::slice(
+        "shop",
+        name,
+        &format!("{name}-1"),
+        ips,
+        node,
+    ));
+}
+
 /// A mock cluster: this node, another node, two proxied services with endpoints, one
 /// handled by another proxy, and one headless service's slice.
 fn cluster(api: &MockApi) {
     api.apply(mock_api::node(NODE, "192.168.0.10"));
     api.apply(mock_api::node("node-b", "192.168.0.11"));
-    api.apply(mock_api::service("shop", "web", "10.96.0.10"));
-    api.apply(mock_api::slice(
-        "shop",
+    add_service(
+        &api,
         "web",
-        "web-1",
+        "10.96.0.10",
         &["10.244.1.11", "10.244.1.12"],
         NODE,
-    ));
-    api.apply(mock_api::service("shop", "db", "10.96.0.11"));
-    api.apply(mock_api::slice(
-        "shop",
-        "db",
-        "db-1",
-        &["10.244.1.13"],
-        "node-b",
-    ));
+    );
+    add_service(&api, "db", "10.96.0.11", &["10.244.1.13"], "node-b");
     let mut other = mock_api::service("shop", "other-proxy", "10.96.0.12");
     other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "cilium"});
     api.apply(other);
@@ -148,14 +152,7 @@ async fn initial_list_then_watch_events_of_every_kind() {
     drop(snap);
 
     // Watch: add a service and its slice, modify a slice, delete a service, modify the node.
-    api.apply(mock_api::service("shop", "cart", "10.96.0.20"));
-    api.apply(mock_api::slice(
-        "shop",
-        "cart",
-        "cart-1",
-        &["10.244.1.20"],
-        NODE,
-    ));
+    add_service(&api, "cart", "10.96.0.20", &["10.244.1.20"], NODE);
     api.apply(mock_api::slice(
         "shop",
         "web",
@@ -240,14 +237,7 @@ async fn api_server_away_then_back() {
         !src.tracker.lock().unwrap().has_pending(),
         "an unreachable API server changes nothing"
     );
-    api.apply(mock_api::service("shop", "late", "10.96.0.30"));
-    api.apply(mock_api::slice(
-        "shop",
-        "late",
-        "late-1",
-        &["10.244.1.30"],
-        NODE,
-    ));
+    add_service(&api, "late", "10.96.0.30", &["10.244.1.30"], NODE);
     api.restart().await;
     wait_for("the new service after the server came back", || {
         src.tracker.lock().unwrap().pending_service_changes() >= 1
@@ -359,14 +349,7 @@ async fn api_changes_reach_the_backend_rules() {
     wait_for("the first sync", || {
         service_rules(&backend).contains("shop/web:http cluster IP")
     });
-    api.apply(mock_api::service("shop", "cart", "10.96.0.20"));
-    api.apply(mock_api::slice(
-        "shop",
-        "cart",
-        "cart-1",
-        &["10.244.1.20"],
-        NODE,
-    ));
+    add_service(&api, "cart", "10.96.0.20", &["10.244.1.20"], NODE);
     wait_for("the new service's rules", || {
         service_rules(&backend).contains("shop/cart:http cluster IP")
     });

@@ -84,6 +84,21 @@ fn snapshot(ip: IpAddr, port: u16, endpoints: &[SocketAddr]) -> Snapshot {
     }
 }
 
+/// An IPv4 userspace backend on `edge` with `workers` proxy threads and default settings.
+fn backend(edge: Box<dyn AddressEdge>, workers: usize) -> UserspaceBackend {
+    UserspaceBackend::with_edge(
+        UserspaceOptions {
+            families: vec![IpFamily::V4],
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            node_settings: Box::new(|_| NodeSettings::default()),
+            worker_threads: workers,
+            stats: UserspaceStats::new(),
+        },
+        edge,
+    )
+    .unwrap()
+}
+
 fn ask(s: &mut TcpStream, line: &str) -> std::io::Result<String> {
     s.write_all(line.as_bytes())?;
     let mut buf = [0u8; 256];
@@ -107,17 +122,7 @@ fn connections_outlive_endpoint_changes_and_end_with_the_service() {
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
     let port = free_port(ip);
     let service = SocketAddr::new(ip, port);
-    let mut backend = UserspaceBackend::with_edge(
-        UserspaceOptions {
-            families: vec![IpFamily::V4],
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            node_settings: Box::new(|_| NodeSettings::default()),
-            worker_threads: 2,
-            stats: UserspaceStats::new(),
-        },
-        Box::new(FakeAddresses::default()),
-    )
-    .unwrap();
+    let mut backend = backend(Box::new(FakeAddresses::default()), 2);
     let stats = backend.stats();
     let changes = Changes::default();
 
@@ -189,17 +194,7 @@ fn a_failing_endpoint_is_counted_and_skipped() {
     };
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
     let port = free_port(ip);
-    let mut backend = UserspaceBackend::with_edge(
-        UserspaceOptions {
-            families: vec![IpFamily::V4],
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            node_settings: Box::new(|_| NodeSettings::default()),
-            worker_threads: 1,
-            stats: UserspaceStats::new(),
-        },
-        Box::new(FakeAddresses::default()),
-    )
-    .unwrap();
+    let mut backend = backend(Box::new(FakeAddresses::default()), 1);
     let stats = backend.stats();
     backend
         .sync(&snapshot(ip, port, &[dead, a]), &Changes::default(), true)
@@ -220,17 +215,7 @@ fn load_balancer_source_ranges_are_enforced() {
     let cluster_ip: IpAddr = "127.0.0.1".parse().unwrap();
     let lb_ip: IpAddr = "127.0.0.2".parse().unwrap();
     let port = free_port(lb_ip);
-    let mut backend = UserspaceBackend::with_edge(
-        UserspaceOptions {
-            families: vec![IpFamily::V4],
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            node_settings: Box::new(|_| NodeSettings::default()),
-            worker_threads: 1,
-            stats: UserspaceStats::new(),
-        },
-        Box::new(FakeAddresses::default()),
-    )
-    .unwrap();
+    let mut backend = backend(Box::new(FakeAddresses::default()), 1);
     let with_ranges = |range: &str| {
         let mut snap = snapshot(cluster_ip, port, &[a]);
         let state = snap.ports.get_mut(&name()).unwrap();
@@ -266,17 +251,7 @@ fn a_port_held_by_another_process_does_not_fail_the_sync_and_is_retried() {
     let ip: IpAddr = "127.0.0.1".parse().unwrap();
     let holder = TcpListener::bind((ip, 0)).unwrap();
     let port = holder.local_addr().unwrap().port();
-    let mut backend = UserspaceBackend::with_edge(
-        UserspaceOptions {
-            families: vec![IpFamily::V4],
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            node_settings: Box::new(|_| NodeSettings::default()),
-            worker_threads: 1,
-            stats: UserspaceStats::new(),
-        },
-        Box::new(FakeAddresses::default()),
-    )
-    .unwrap();
+    let mut backend = backend(Box::new(FakeAddresses::default()), 1);
     let snap = snapshot(ip, port, &[a]);
     backend.sync(&snap, &Changes::default(), true).unwrap();
     assert!(backend.listening().is_empty());
@@ -307,17 +282,7 @@ impl AddressEdge for ForeignAddresses {
 
 #[test]
 fn canary_tells_a_foreign_local_address_from_a_missing_one() {
-    let mut backend = UserspaceBackend::with_edge(
-        UserspaceOptions {
-            families: vec![IpFamily::V4],
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            node_settings: Box::new(|_| NodeSettings::default()),
-            worker_threads: 1,
-            stats: UserspaceStats::new(),
-        },
-        Box::new(ForeignAddresses),
-    )
-    .unwrap();
+    let mut backend = backend(Box::new(ForeignAddresses), 1);
     // 127.0.0.1 is local (not svcproxy's): the canary is satisfied.
     let local = snapshot("127.0.0.1".parse().unwrap(), 1, &[]);
     backend.sync(&local, &Changes::default(), true).unwrap();
