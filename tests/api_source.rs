@@ -80,13 +80,13 @@ fn cluster(api: &MockApi) {
     api.apply(mock_api::node(NODE, "192.168.0.10"));
     api.apply(mock_api::node("node-b", "192.168.0.11"));
     add_service(
-        &api,
+        api,
         "web",
         "10.96.0.10",
         &["10.244.1.11", "10.244.1.12"],
         NODE,
     );
-    add_service(&api, "db", "10.96.0.11", &["10.244.1.13"], "node-b");
+    add_service(api, "db", "10.96.0.11", &["10.244.1.13"], "node-b");
     let mut other = mock_api::service("shop", "other-proxy", "10.96.0.12");
     other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "cilium"});
     api.apply(other);
